@@ -1,0 +1,194 @@
+"""Hugging Face checkpoints in and out: `config.json` + `model.safetensors` (or a sharded index).
+
+Loading builds the model on the meta device and assigns each tensor straight from the safetensors file to
+its target device and dtype, one tensor at a time: no float32 copy of the whole model ever sits in CPU memory.
+Saving writes the same format into a temporary directory and renames it into place, so that
+`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it and a crash never leaves half a checkpoint.
+
+Only safetensors are read (never pickled `.bin` weights), and no remote code is ever run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from memrl.model import ModelConfig, Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json",
+)
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id, fetched (config, tokenizer, safetensors only) when online."""
+    p = Path(path_or_id)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ValueError(f"{p}: expected a checkpoint directory holding config.json, got a file")
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise FileNotFoundError(f"{text}: no such checkpoint directory (and not a hub id of the form 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, gated...
+        raise FileNotFoundError(f"{text}: not a local directory, and fetching it from the hub failed: {e}") from e
+    return Path(local)
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    cfg_path = resolve_checkpoint(path) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing (a Hugging Face checkpoint needs config.json)")
+    try:
+        d = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    return ModelConfig.from_hf_dict(d, source=str(cfg_path))
+
+
+def _weight_files(ckpt: Path) -> dict[str, Path]:
+    """tensor name -> file holding it, from the index or the single file."""
+    index = ckpt / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from e
+        return {name: ckpt / fname for name, fname in weight_map.items()}
+    single = ckpt / SINGLE_FILE
+    if not single.is_file():
+        bins = sorted(p.name for p in ckpt.glob("*.bin"))
+        hint = f" (found {bins}: pickled weights are not loaded for safety; convert to safetensors)" if bins else ""
+        raise FileNotFoundError(f"{ckpt}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+    with _open(single, "cpu") as f:
+        return {name: single for name in f.keys()}
+
+
+def _open(path: Path, device: str):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as e:  # truncated / corrupt header
+        raise ValueError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+
+
+def load_model(
+    path_or_id: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Transformer:
+    ckpt = resolve_checkpoint(path_or_id)
+    cfg = load_config(ckpt)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    files = _weight_files(ckpt)
+    if cfg.tie_word_embeddings:
+        files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too; the embedding is the truth
+    missing = sorted(set(expected) - set(files))
+    extra = sorted(set(files) - set(expected))
+    if missing:
+        raise ValueError(f"{ckpt}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        raise ValueError(
+            f"{ckpt}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''} "
+            f"(a different architecture than config.json's {cfg.model_type!r}?)"
+        )
+    device = torch.device(device)
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, fpath in files.items():
+        by_file.setdefault(fpath, []).append(name)
+    for fpath, names in by_file.items():
+        if not fpath.is_file():
+            raise FileNotFoundError(f"{fpath}: listed in {INDEX_FILE} but missing")
+        with _open(fpath, str(device) if device.type != "cuda" else f"cuda:{device.index or 0}") as f:
+            for name in names:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{fpath}: tensor {name!r} unreadable ({e}); is the file truncated?") from e
+                if tuple(t.shape) != tuple(expected[name]):
+                    raise ValueError(
+                        f"{fpath}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies "
+                        f"{tuple(expected[name])}"
+                    )
+                state[name] = t.to(dtype)  # one tensor at a time: never a full fp32 copy
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_rope(device)
+    return model
+
+
+def save_model(
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write config.json + safetensors (sharded past max_shard_bytes) atomically; copy tokenizer files if given.
+
+    state_dict: pass a gathered full state dict when the model is sharded (FSDP); by default model.state_dict().
+    """
+    out = Path(out_dir)
+    sd = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    dtype = next(iter(sd.values())).dtype
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype), indent=2) + "\n")
+        shards, current, size = [], {}, 0
+        for name in sorted(sd):
+            nbytes = sd[name].numel() * sd[name].element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = sd[name]
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, tmp / fname)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Move `new` to `dst`; an existing `dst` is swapped out and removed only after the rename succeeded."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(new, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dst)
