@@ -1,0 +1,423 @@
+"""Run configuration: dataclasses with asserted invariants, named presets, `--key=value` overrides, JSON in/out.
+
+    cfg = parse_cli(["--preset=paper-1.5b", "--algo.kl_coef=0.01", "--batch_size=32", "--resume"])
+    save_config(cfg, run_dir / RUN_CONFIG_NAME)            # the resolved config, saved with every run
+    cfg = load_config(run_dir / RUN_CONFIG_NAME)
+
+Override syntax (one argument each, applied left to right after the preset):
+    --section.key=value   canonical, e.g. --algo.kl_coef=0.01, --rollout.group_size=8
+    --key=value           accepted when `key` names a field of exactly one section (--kl_coef=0.01)
+    --key                 for a bool field: True; `--resume` alone means --train.resume=latest
+    --preset=NAME         the base config (first; default "default"); --config=PATH loads a saved JSON as the base
+Values are parsed by the field's type (bool: true/false/1/0/yes/no; tuples: comma-separated); a wrong type or an
+unknown key raises ConfigError naming the key. Every dataclass re-checks its invariants on each change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUN_CONFIG_NAME = "run_config.json"
+
+# The paper's Figure 4 templates (DESIGN §4). Templates are data: override them like any other field.
+MEMORY_TEMPLATE = (
+    "<question> {question} </question>\n<memory> {memory} </memory>\n<segment> {segment} </segment>\nUpdated memory:"
+)
+FINAL_TEMPLATE = "<question> {question} </question>\n<memory> {memory} </memory>\nYour final answer:"
+SINGLE_TURN_TEMPLATE = "<question> {question} </question>\n<problem> {problem} </problem>\nYour final answer:"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelCfg:
+    path: str = ""  # HF checkpoint dir or hub id; "" = the repo's built-in synthetic starting policy
+    dtype: str = "float32"  # fp32 on CPU keeps resume bitwise exact; the paper presets train in bfloat16
+    ref_path: str = ""  # frozen KL reference; "" = the starting weights (`path`), as in verl/MemAgent
+    gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
+
+    def __post_init__(self):
+        assert self.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unknown dtype {self.dtype!r}"
+
+
+@dataclass
+class RolloutCfg:
+    condition: str = "memory"  # memory | full_history | single_turn (DESIGN §4); the method trains "memory"
+    group_size: int = 4  # G trajectories per problem (paper §4: G = 4)
+    memory_cap_tokens: int = 256  # paper A.1: the memory buffer cap, enforced as a memory turn's max_new_tokens
+    response_max_tokens: int = 512  # paper A.1: final-answer budget (512 for the 1.5B model, 1,024 for the 4B)
+    temperature: float = 1.0  # DESIGN §5: sample from the policy itself, so π_old is what generated the tokens
+    top_p: float = 1.0  # no truncation, for the same reason
+    top_k: int = 0  # 0 = off
+    eval_greedy: bool = True  # evaluation decodes greedily: a deterministic accuracy, comparable across runs
+    initial_memory: str = "No previous memory."  # the fixed memory m_0 shown at the first turn
+    memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
+    final_template: str = FINAL_TEMPLATE  # paper Figure 4 (final turn); full-history fills {memory} with all shards
+    single_turn_template: str = SINGLE_TURN_TEMPLATE  # the single-turn baseline: the whole problem in one prompt
+
+    def __post_init__(self):
+        assert self.condition in ("memory", "full_history", "single_turn"), f"rollout.condition: {self.condition!r}"
+        assert self.group_size >= 1, "rollout.group_size must be >= 1"
+        assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
+        assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
+        assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
+        for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
+                           ("final_template", ("{question}", "{memory}")),
+                           ("single_turn_template", ("{question}", "{problem}"))):
+            missing = [k for k in keys if k not in getattr(self, name)]
+            assert not missing, f"rollout.{name} lacks the placeholder(s) {missing}"
+
+
+@dataclass
+class AlgoCfg:
+    advantage: str = "drgrpo"  # drgrpo: r − mean (paper §4); grpo: (r − mean) / (std + 1e-6)
+    eps_low: float = 0.2  # PPO clip below 1 (DAPO)
+    eps_high: float = 0.28  # clip-higher (DAPO §3.1): more room for low-probability tokens to grow
+    clip_c: float = 3.0  # dual-clip bound on the loss for A < 0 (verl default; the DAPO recipe uses 10)
+    kl_coef: float = 0.001  # β of the KL penalty to the frozen reference (paper §4 / MemAgent)
+    kl_type: str = "k3"  # k3 = exp(k) − k − 1: unbiased and always >= 0 (Schulman, "Approximating KL")
+    dynamic_sampling: bool = False  # DAPO: drop all-equal-reward groups and refill (off by default, DESIGN §5)
+    max_sampling_rounds: int = 3  # bound on refill rounds (verl's max_num_gen_batches) before giving up loudly
+    overlong_shaping: bool = False  # DAPO soft overlong penalty on the final answer (off by default, DESIGN §5)
+    overlong_cache_tokens: int = 128  # L_cache: the last quarter of the 512-token answer budget is penalised
+    updates_per_rollout: int = 1  # 1 = on-policy: π_old = logp.detach(), ratio ≡ 1 (DESIGN §3.6)
+
+    def __post_init__(self):
+        assert self.advantage in ("drgrpo", "grpo"), f"algo.advantage: {self.advantage!r}"
+        assert 0 <= self.eps_low < 1 and self.eps_high >= 0, "algo.eps_low in [0, 1), eps_high >= 0"
+        assert self.clip_c > 1, "algo.clip_c must be > 1 (dual clip)"
+        assert self.kl_coef >= 0 and self.kl_type in ("k1", "k2", "k3"), "algo.kl_coef >= 0, kl_type k1|k2|k3"
+        assert self.max_sampling_rounds >= 1, "algo.max_sampling_rounds must be >= 1"
+        assert self.overlong_cache_tokens >= 1, "algo.overlong_cache_tokens must be >= 1"
+        assert self.updates_per_rollout >= 1, "algo.updates_per_rollout must be >= 1"
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-6  # paper §4 / MemAgent: small, constant after warmup
+    warmup_steps: int = 10  # paper A.1: linear warmup, then constant
+    weight_decay: float = 0.01  # DESIGN §5 (verl's AdamW default)
+    grad_clip: float = 1.0  # global grad-norm clip (DESIGN §5)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW defaults
+    adam_eps: float = 1e-8  # AdamW default
+
+    def __post_init__(self):
+        assert self.lr > 0, "optim.lr must be > 0"
+        assert self.warmup_steps >= 0 and self.weight_decay >= 0, "optim.warmup_steps, weight_decay must be >= 0"
+        assert self.grad_clip > 0, "optim.grad_clip must be > 0"
+        assert len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas: {self.betas}"
+
+
+@dataclass
+class DataCfg:
+    train_path: str = ""  # episodes JSONL (memrl.episodes); "" = the built-in synthetic task
+    eval_path: str = ""  # held-out episodes JSONL; "" = the synthetic task's held-out split
+    reward_kind: str = "gsm8k"  # memrl.reward.score kind unless an episode's metadata.reward_kind says otherwise
+    max_shards: int = 35  # paper A.1: bounds the trajectory length
+    max_shard_tokens: int = 1024  # paper A.1
+    noise_path: str = ""  # WikiText file for noise shards; "" = no noise
+    noise_variant: str = "sharded"  # training variant (paper §3.1): sharded | full_question | mixed
+    eval_noise_shards: int = 0  # noisy evaluation: n noise shards between turns (paper: 2, 4)
+    eval_limit: int = 0  # evaluate on the first n episodes; 0 = all
+    shuffle: bool = True  # reshuffle the training episodes each epoch (seeded: train.seed, epoch)
+
+    def __post_init__(self):
+        assert self.reward_kind in ("math", "gsm8k", "qa"), f"data.reward_kind: {self.reward_kind!r}"
+        assert self.max_shards >= 1 and self.max_shard_tokens >= 1, "data.max_shards, max_shard_tokens must be >= 1"
+        assert self.noise_variant in ("sharded", "full_question", "mixed"), f"data.noise_variant: {self.noise_variant}"
+        assert self.noise_variant == "sharded" or self.noise_path, "noisy variants need data.noise_path"
+        assert self.eval_noise_shards >= 0 and self.eval_limit >= 0, "data.eval_noise_shards, eval_limit must be >= 0"
+        assert self.eval_noise_shards == 0 or self.noise_path, "data.eval_noise_shards > 0 needs data.noise_path"
+
+
+@dataclass
+class TrainCfg:
+    run_dir: str = "runs/default"  # metrics.jsonl, run_config.json and checkpoints/ go here
+    seed: int = 0  # the one seed; per (step, problem, sample) seeds derive from it (STYLE 10)
+    batch_size: int = 64  # problems per step (paper A.1), each with group_size trajectories
+    epochs: int = 10  # paper A.1
+    max_steps: int = 0  # 0 = as many as `epochs` passes over the data take
+    micro_batch_tokens: int = 16384  # packed rows per forward/backward; bounds activation memory
+    eval_every: int = 0  # steps between held-out evaluations; 0 = only before and after training
+    save_every: int = 50  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept on disk (older ones are deleted after a successful save)
+    log_every: int = 1  # steps between metrics.jsonl lines
+    device: str = "auto"  # auto = cuda when available, else cpu
+    resume: str = field(default="", metadata={"flag": "latest"})  # "" | latest | a checkpoint dir
+
+    def __post_init__(self):
+        assert self.batch_size >= 1 and self.epochs >= 1, "train.batch_size, epochs must be >= 1"
+        assert self.max_steps >= 0 and self.eval_every >= 0 and self.save_every >= 0, "step counts must be >= 0"
+        assert self.micro_batch_tokens >= 1, "train.micro_batch_tokens must be >= 1"
+        assert self.keep_last >= 1 and self.log_every >= 1, "train.keep_last, log_every must be >= 1"
+        assert self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"train.device: {self.device}"
+
+
+@dataclass
+class Config:
+    preset: str = "default"  # which preset this config started from (recorded for the run)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    rollout: RolloutCfg = field(default_factory=RolloutCfg)
+    algo: AlgoCfg = field(default_factory=AlgoCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    def __post_init__(self):
+        assert not self.algo.dynamic_sampling or self.rollout.group_size >= 2, "dynamic sampling needs group_size >= 2"
+        assert self.algo.overlong_cache_tokens <= self.rollout.response_max_tokens or not self.algo.overlong_shaping, (
+            "algo.overlong_cache_tokens must not exceed rollout.response_max_tokens")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "rollout", "algo", "optim", "data", "train")
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _default() -> Config:
+    # The built-in CPU run (issue 5): a tiny policy made by the repo on a synthetic sharded task, <= 10 min on 2
+    # cores. Sizes are small on purpose; the synthetic-task owner tunes them against the before/after accuracy.
+    return Config(
+        preset="default",
+        model=ModelCfg(path="", dtype="float32"),
+        rollout=RolloutCfg(group_size=8, memory_cap_tokens=16, response_max_tokens=8),
+        algo=AlgoCfg(kl_coef=0.0),  # no reference model: half the scoring cost on a CPU
+        optim=OptimCfg(lr=1e-3, warmup_steps=5, weight_decay=0.0),  # a tiny model learns at tiny-model rates
+        data=DataCfg(reward_kind="gsm8k", max_shards=8, max_shard_tokens=64),
+        train=TrainCfg(run_dir="runs/default", batch_size=16, max_steps=150, micro_batch_tokens=4096,
+                       eval_every=50, save_every=50),
+    )
+
+
+def _paper_1_5b() -> Config:
+    # The paper's 1.5B run (§4, appendix A.1): sharded GSM8K, 10 epochs, batch 64, G = 4, memory 256, answer 512.
+    return Config(
+        preset="paper-1.5b",
+        model=ModelCfg(path="Qwen/Qwen2.5-Math-1.5B-Instruct", dtype="bfloat16"),
+        rollout=RolloutCfg(group_size=4, memory_cap_tokens=256, response_max_tokens=512),
+        algo=AlgoCfg(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.001, kl_type="k3"),
+        optim=OptimCfg(lr=1e-6, warmup_steps=10),
+        data=DataCfg(reward_kind="gsm8k", max_shards=35, max_shard_tokens=1024),
+        train=TrainCfg(run_dir="runs/paper-1.5b", batch_size=64, epochs=10, micro_batch_tokens=16384,
+                       eval_every=50, save_every=50),
+    )
+
+
+def _paper_4b() -> Config:
+    # The paper's 4B run: a thinking model needs the longer 1,024-token answer budget (appendix A.1).
+    cfg = _paper_1_5b()
+    return dataclasses.replace(
+        cfg, preset="paper-4b",
+        model=ModelCfg(path="Qwen/Qwen3-4B-Thinking-2507", dtype="bfloat16"),
+        rollout=dataclasses.replace(cfg.rollout, response_max_tokens=1024),
+        train=dataclasses.replace(cfg.train, run_dir="runs/paper-4b"),
+    )
+
+
+PRESETS = {"default": _default, "paper-1.5b": _paper_1_5b, "paper-4b": _paper_4b}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- typed values
+
+def _coerce(key: str, typ, value, from_text: bool):
+    """`value` (CLI text or decoded JSON) as `typ`, or ConfigError naming `key`."""
+    def bad(why=""):
+        return ConfigError(f"--{key}: expected {_type_name(typ)}, got {value!r}{why}")
+
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        parts = value.split(",") if from_text and isinstance(value, str) else value
+        args = typing.get_args(typ)
+        if not isinstance(parts, (list, tuple)) or len(parts) != len(args):
+            raise bad(f" ({len(args)} comma-separated values)")
+        return tuple(_coerce(key, a, p, from_text) for a, p in zip(args, parts))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no",
+                                                                      "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise bad()
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise ConfigError(f"--{key}: unsupported field type {typ!r}")
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is tuple:
+        return "comma-separated " + ",".join(a.__name__ for a in typing.get_args(typ))
+    return typ.__name__ if isinstance(typ, type) else str(typ)
+
+
+def _fields(section_obj) -> dict[str, tuple[object, dataclasses.Field]]:
+    """name -> (resolved type, Field) of a config section (annotations are strings under __future__ annotations)."""
+    hints = typing.get_type_hints(type(section_obj))
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(section_obj)}
+
+
+def _all_keys(cfg: Config) -> list[str]:
+    return [f"{s}.{k}" for s in SECTIONS for k in _fields(getattr(cfg, s))]
+
+
+def _resolve_key(cfg: Config, key: str) -> tuple[str, str]:
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section in SECTIONS and name in _fields(getattr(cfg, section)):
+            return section, name
+    else:
+        owners = [s for s in SECTIONS if key in _fields(getattr(cfg, s))]
+        if len(owners) == 1:
+            return owners[0], key
+        if len(owners) > 1:
+            raise ConfigError(f"--{key} is ambiguous: say which of {[f'{s}.{key}' for s in owners]}")
+    close = difflib.get_close_matches(key, _all_keys(cfg) + [k.split(".")[1] for k in _all_keys(cfg)], n=3)
+    raise ConfigError(f"--{key}: unknown config key" + (f" (did you mean {', '.join('--' + c for c in close)}?)"
+                                                        if close else ""))
+
+
+def _replace_checked(obj, key: str, **changes):
+    try:
+        return dataclasses.replace(obj, **changes)
+    except AssertionError as e:
+        raise ConfigError(f"--{key}: {e}") from None
+
+
+def set_value(cfg: Config, key: str, value, from_text: bool = True) -> Config:
+    """A new Config with `key` (dotted or unique flat name) set; value parsed and type-checked; invariants rechecked."""
+    section, name = _resolve_key(cfg, key)
+    sec = getattr(cfg, section)
+    typed = _coerce(f"{section}.{name}", _fields(sec)[name][0], value, from_text)
+    new_sec = _replace_checked(sec, f"{section}.{name}", **{name: typed})
+    return _replace_checked(cfg, f"{section}.{name}", **{section: new_sec})
+
+
+def apply_overrides(cfg: Config, args: list[str]) -> Config:
+    for arg in args:
+        if not arg.startswith("--"):
+            raise ConfigError(f"{arg!r}: expected --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # bare flag: a bool field, or a field with a flag value (--resume)
+            section, name = _resolve_key(cfg, key)
+            typ, f = _fields(getattr(cfg, section))[name]
+            if typ is bool:
+                value = "true"
+            elif "flag" in f.metadata:
+                value = f.metadata["flag"]
+            else:
+                raise ConfigError(f"--{key}: needs a value (--{key}=...)")
+        cfg = set_value(cfg, key, value, from_text=True)
+    return cfg
+
+
+def parse_cli(argv: list[str]) -> Config:
+    """--preset=NAME / --config=PATH (the base, first), then --key=value overrides in order."""
+    base, rest = None, []
+    for arg in argv:
+        if arg.startswith("--preset="):
+            if base is not None:
+                raise ConfigError("give one --preset or --config")
+            base = preset(arg.split("=", 1)[1])
+        elif arg.startswith("--config="):
+            if base is not None:
+                raise ConfigError("give one --preset or --config")
+            base = load_config(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return apply_overrides(base if base is not None else preset("default"), rest)
+
+
+def describe(cfg: Config) -> str:
+    """Every key and its current value, one `--section.key=value` per line (for --help and logs)."""
+    lines = []
+    for s in SECTIONS:
+        sec = getattr(cfg, s)
+        for name, (typ, _) in _fields(sec).items():
+            v = getattr(sec, name)
+            text = ",".join(map(str, v)) if isinstance(v, tuple) else json.dumps(v) if isinstance(v, str) else v
+            lines.append(f"--{s}.{name}={text}  ({_type_name(typ)})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of Config.to_dict, type-checked; unknown or missing keys are errors (a config is saved whole)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(SECTIONS) - {"preset"})
+    if unknown:
+        raise ConfigError(f"unknown top-level config key(s) {unknown}")
+    defaults = Config()
+    sections = {}
+    for s in SECTIONS:
+        sec_d = d.get(s, {})
+        if not isinstance(sec_d, dict):
+            raise ConfigError(f"{s}: expected an object, got {type(sec_d).__name__}")
+        fields = _fields(getattr(defaults, s))
+        extra = sorted(set(sec_d) - set(fields))
+        if extra:
+            raise ConfigError(f"unknown config key(s) {[f'{s}.{k}' for k in extra]}")
+        typed = {k: _coerce(f"{s}.{k}", fields[k][0], v, from_text=False) for k, v in sec_d.items()}
+        sections[s] = _replace_checked(getattr(defaults, s), s, **typed)
+    try:
+        return Config(preset=_coerce("preset", str, d.get("preset", "default"), from_text=False), **sections)
+    except AssertionError as e:
+        raise ConfigError(str(e)) from None
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    try:
+        return config_from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+

@@ -1,0 +1,113 @@
+"""Configs: presets hold the paper's numbers, overrides are typed and checked, the resolved config round-trips."""
+import json
+
+import pytest
+
+from memrl.config import (RUN_CONFIG_NAME, Config, ConfigError, describe, load_config, parse_cli, preset,
+                          save_config)
+
+
+def test_paper_presets_hold_the_papers_numbers():
+    c = preset("paper-1.5b")
+    assert c.model.path == "Qwen/Qwen2.5-Math-1.5B-Instruct"
+    assert (c.train.batch_size, c.rollout.group_size, c.train.epochs) == (64, 4, 10)
+    assert (c.rollout.memory_cap_tokens, c.rollout.response_max_tokens) == (256, 512)
+    assert (c.optim.lr, c.optim.warmup_steps) == (1e-6, 10)
+    assert (c.algo.eps_low, c.algo.eps_high, c.algo.clip_c, c.algo.kl_coef, c.algo.kl_type) == (0.2, 0.28, 3.0,
+                                                                                                 0.001, "k3")
+    assert (c.data.max_shards, c.data.max_shard_tokens) == (35, 1024)
+    assert c.algo.advantage == "drgrpo"
+    d = preset("paper-4b")
+    assert "Qwen3-4B-Thinking" in d.model.path and d.rollout.response_max_tokens == 1024
+    assert d.rollout.memory_cap_tokens == 256 and d.train.batch_size == 64
+    assert preset("default").model.path == ""  # the built-in synthetic policy: nothing downloaded
+
+
+def test_templates_are_figure_4():
+    r = preset("default").rollout
+    assert r.memory_template.format(question="Q", memory="M", segment="S") == (
+        "<question> Q </question>\n<memory> M </memory>\n<segment> S </segment>\nUpdated memory:")
+    assert r.final_template.format(question="Q", memory="M") == (
+        "<question> Q </question>\n<memory> M </memory>\nYour final answer:")
+
+
+def test_overrides_dotted_flat_and_flags():
+    c = parse_cli(["--preset=paper-1.5b", "--algo.kl_coef=0.01", "--batch_size=32", "--dynamic_sampling",
+                   "--resume", "--optim.betas=0.9,0.95", "--model.gradient_checkpointing=false",
+                   "--rollout.initial_memory=None yet."])
+    assert c.preset == "paper-1.5b"
+    assert c.algo.kl_coef == 0.01 and c.train.batch_size == 32 and c.algo.dynamic_sampling is True
+    assert c.train.resume == "latest" and c.optim.betas == (0.9, 0.95)
+    assert c.model.gradient_checkpointing is False and c.rollout.initial_memory == "None yet."
+    assert parse_cli([]) == preset("default")
+    assert parse_cli(["--train.resume=runs/x/checkpoints/step_00000010"]).train.resume.endswith("step_00000010")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algo.kl_coef=abc"], "--algo.kl_coef: expected float, got 'abc'"),
+    (["--rollout.group_size=2.5"], "--rollout.group_size: expected int"),
+    (["--dynamic_sampling=maybe"], "--algo.dynamic_sampling: expected bool"),
+    (["--kl_coeff=1"], "unknown config key (did you mean"),
+    (["--algo.nope=1"], "--algo.nope: unknown config key"),
+    (["--algo.clip_c=0.5"], "--algo.clip_c: algo.clip_c must be > 1"),
+    (["--rollout.condition=chat"], "--rollout.condition"),
+    (["--group_size"], "needs a value"),
+    (["--optim.betas=0.9"], "--optim.betas: expected comma-separated float,float"),
+    (["--preset=huge"], "unknown preset 'huge'"),
+    (["--rollout.memory_template=no placeholders"], "lacks the placeholder"),
+    (["batch_size=3"], "expected --key=value"),
+    (["--algo.dynamic_sampling", "--rollout.group_size=1"], "dynamic sampling needs group_size >= 2"),
+    (["--data.noise_variant=mixed"], "noisy variants need data.noise_path"),
+])
+def test_bad_overrides_name_the_key(args, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_cli(args)
+    assert message in str(exc.value)
+
+
+def test_flat_name_must_be_unique(monkeypatch):
+    # every flat name is unique today; an ambiguous one must be rejected, naming both dotted keys
+    import memrl.config as mc
+
+    monkeypatch.setattr(mc, "SECTIONS", ("model", "rollout", "algo", "optim", "data", "train", "model"))
+    with pytest.raises(ConfigError, match="ambiguous"):
+        mc.parse_cli(["--dtype=float32"])
+
+
+def test_save_load_round_trip(tmp_path):
+    c = parse_cli(["--preset=paper-4b", "--optim.betas=0.9,0.95", "--algo.advantage=grpo", "--train.seed=7"])
+    path = save_config(c, tmp_path / "run" / RUN_CONFIG_NAME)
+    assert load_config(path) == c
+    assert parse_cli([f"--config={path}", "--train.seed=8"]).train.seed == 8
+    d = json.loads(path.read_text())
+    d["algo"]["kl_coef"] = "big"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="algo.kl_coef: expected float"):
+        load_config(path)
+    d["algo"]["kl_coef"] = 0.1
+    d["algo"]["typo"] = 1
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['algo.typo'\]"):
+        load_config(path)
+
+
+def test_describe_lists_every_key():
+    text = describe(Config())
+    assert "--algo.kl_coef=0.001  (float)" in text and "--optim.betas=0.9,0.999" in text
+    import dataclasses
+
+    c = Config()
+    assert len(text.splitlines()) == sum(len(dataclasses.fields(getattr(c, s))) for s in
+                                         ("model", "rollout", "algo", "optim", "data", "train"))
+
+
+def test_every_default_has_a_why_comment():
+    # STYLE.md: a comment on every default saying why
+    import inspect
+
+    import memrl.config as mc
+
+    for cls in (mc.ModelCfg, mc.RolloutCfg, mc.AlgoCfg, mc.OptimCfg, mc.DataCfg, mc.TrainCfg):
+        for line in inspect.getsource(cls).splitlines():
+            if ": " in line and " = " in line and line.startswith("    ") and not line.startswith("        "):
+                assert "  # " in line, f"{cls.__name__}: no comment on {line.strip()!r}"

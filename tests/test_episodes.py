@@ -1,0 +1,99 @@
+"""Episode loading: a valid file round-trips; every kind of bad line is reported with its file and line."""
+import json
+
+import pytest
+
+from memrl.episodes import Episode, EpisodeFormatError, load_episodes, validate_record, write_episodes
+
+
+def _ep(i=0, **kw):
+    d = {"id": f"ep-{i}", "question": "How much?", "shards": ["Ann has 3 pens.", "Each costs 2 dollars."],
+         "answer": "6", "metadata": {"source": "test"}}
+    d.update(kw)
+    return d
+
+
+def _write(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_round_trip(tmp_path):
+    eps = [Episode("a", "q?", ["s1", "s2", "noise"], "42", {"noise_positions": [2], "answers": ["42", "forty-two"]}),
+           Episode("b", "q2?", ["only"], "\\frac{1}{2}")]
+    path = write_episodes(tmp_path / "eps.jsonl", eps)
+    loaded = load_episodes(path)
+    assert loaded == eps
+    assert loaded[0].noise_positions == [2] and loaded[1].noise_positions == []
+    assert loaded[0].references == ["42", "forty-two"] and loaded[1].references == ["\\frac{1}{2}"]
+    assert loaded[0].problem == "s1 s2 q?"  # noise left out of the single-turn problem
+
+
+def test_blank_lines_skipped(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text(json.dumps(_ep(0)) + "\n\n   \n" + json.dumps(_ep(1)) + "\n")
+    assert [e.id for e in load_episodes(path)] == ["ep-0", "ep-1"]
+
+
+def test_every_problem_reported_by_file_and_line(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", [
+        _ep(0),                                            # 1 ok
+        '{"id": "x", "question": ',                        # 2 malformed JSON
+        {k: v for k, v in _ep(2).items() if k != "answer"},  # 3 missing answer
+        _ep(3, question="   "),                            # 4 empty question
+        _ep(4, shards="one shard"),                        # 5 wrong type
+        _ep(5, shards=[]),                                 # 6 empty shards
+        _ep(6, shards=["ok", ""]),                         # 7 empty shard
+        _ep(7, answer=5),                                  # 8 wrong type
+        _ep(8, shards=["s"] * 4),                          # 9 too many shards (max 3)
+        _ep(9, shards=["x" * 50]),                         # 10 shard too long (max 30 tokens)
+        _ep(0),                                            # 11 duplicate id
+        _ep(11, metadata={"noise_positions": [0, 5]}),     # 12 noise position out of range
+        _ep(12, metadata=[1]),                             # 13 metadata not an object
+        _ep(13, shard=["typo"]),                           # 14 unknown field
+        "[1, 2]",                                          # 15 not an object
+    ])
+    with pytest.raises(EpisodeFormatError) as exc:
+        load_episodes(path, max_shards=3, max_shard_tokens=30, count_tokens=len)
+    msg = str(exc.value)
+    expected = {
+        2: "malformed JSON", 3: "missing field 'answer'", 4: "'question' is empty", 5: "'shards' must be a list",
+        6: "'shards' is empty", 7: "shard 1 is empty", 8: "'answer' must be a string", 9: "4 shards > max_shards=3",
+        10: "shard 0 has 50 tokens > max_shard_tokens=30", 11: "duplicate id 'ep-0' (first on line 1)",
+        12: "metadata.noise_positions [0, 5] out of range", 13: "'metadata' must be an object",
+        14: "unknown field(s) ['shard']", 15: "expected a JSON object"}
+    for line, what in expected.items():
+        assert f"{path}:{line}: {what}" in msg, (line, what, msg)
+    assert f"{path}:1:" not in msg
+    assert len(exc.value.problems) == len(expected)
+
+
+def test_max_errors_caps_the_report(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", ["{"] * 30)
+    with pytest.raises(EpisodeFormatError, match=r"30 problem\(s\)[\s\S]*and 10 more") as exc:
+        load_episodes(path, max_errors=20)
+    assert len(exc.value.problems) == 20
+
+
+def test_limits_need_a_token_counter_and_files_must_exist(tmp_path):
+    with pytest.raises(ValueError, match="count_tokens"):
+        load_episodes(_write(tmp_path / "e.jsonl", [_ep()]), max_shard_tokens=10)
+    with pytest.raises(FileNotFoundError):
+        load_episodes(tmp_path / "missing.jsonl")
+    with pytest.raises(EpisodeFormatError, match="empty"):
+        load_episodes(_write(tmp_path / "empty.jsonl", [""]))
+
+
+def test_metadata_keys_checked():
+    assert validate_record(_ep(metadata={"answers": []})) == ["metadata.answers must be a non-empty list of non-empty "
+                                                               "strings"]
+    assert "duplicates" in validate_record(_ep(metadata={"noise_positions": [1, 1]}))[0]
+    assert validate_record(_ep(metadata={"reward_kind": "code"}))
+    assert validate_record(_ep(metadata={"noise_positions": [1], "whatever": {"x": 1}})) == []  # unknown: kept
+
+
+def test_data_tools_writer_is_accepted(tmp_path):
+    schema = pytest.importorskip("data_tools.schema")
+    ep = _ep(0, metadata={"noise_positions": [1], "variant": "mixed", "problem": "Ann has 3 pens. How much?"})
+    schema.validate_episode(ep)  # the writer's own check
+    assert load_episodes(_write(tmp_path / "dt.jsonl", [ep]))[0].metadata["variant"] == "mixed"
