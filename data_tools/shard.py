@@ -1,0 +1,136 @@
+"""CLI: single-turn math problems -> sharded episodes (schema.py), resumable.
+
+    python -m data_tools.shard --input ../shared/data/gsm8k/test.jsonl --dataset gsm8k \\
+        --method rule --out data/gsm8k_test.sharded.jsonl
+    OPENAI_API_KEY=... python -m data_tools.shard --input ... --dataset math500 --method llm \\
+        --base-url https://api.openai.com/v1 --model gpt-4o-mini --out data/math500.llm.jsonl
+    python -m data_tools.shard ... --method llm --local-model /path/to/hf_checkpoint
+
+Re-running the same command skips finished ids; failures go to FILE.failures.jsonl with reasons;
+the summary (episodes, shards per episode, failures by reason) is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_tools.checks import check_sharding
+from data_tools.datasets import DATASETS, Problem, load_problems
+from data_tools.rule_shard import ShardingError, rule_shard
+from data_tools.runner import Outcome, run_resumable
+from data_tools.schema import DataError
+
+
+def episode_for(problem: Problem, question: str, shards: list[str], method: str, unsharded: bool = False) -> dict:
+    meta = {**problem.metadata, "method": method}
+    if unsharded:
+        meta["unsharded"] = True
+    return {"id": problem.id, "question": question, "shards": shards, "answer": problem.answer, "metadata": meta}
+
+
+def rule_outcome(problem: Problem, unshardable: str = "fail", max_shards: int = 35) -> Outcome:
+    """Shard one problem with the rule sharder and check it; a failure carries its reason."""
+    unsharded = False
+    try:
+        question, shards = rule_shard(problem.text)
+    except ShardingError as e:
+        if e.reason != "single_sentence" or unshardable != "whole":
+            return Outcome(problem.id, reason=e.reason, detail=e.detail, extra={"method": "rule"})
+        question, shards, unsharded = e.question, [problem.text.strip()], True
+    issues = check_sharding(problem.text, question, shards, max_shards)
+    if unsharded:  # the one shard is the whole problem, so it contains the question by construction
+        issues = [i for i in issues if i.code != "question_not_withheld"]
+    if issues:
+        return Outcome(problem.id, reason=f"check:{issues[0].code}", detail="; ".join(map(str, issues)),
+                       extra={"method": "rule", "question": question, "shards": shards})
+    return Outcome(problem.id, episode=episode_for(problem, question, shards, "rule", unsharded))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="dataset JSONL (gsm8k/{train,test}.jsonl, math500/test.jsonl)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--method", required=True, choices=("rule", "llm"))
+    p.add_argument("--out", required=True, help="episode JSONL to write (resumed if it exists)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems of the input")
+    p.add_argument("--unshardable", choices=("fail", "whole"), default="fail",
+                   help="a problem with nothing to shard besides its question: record a failure (default) "
+                        "or keep it as one shard holding the whole problem (metadata.unsharded)")
+    p.add_argument("--max-shards", type=int, default=35, help="the paper caps episodes at 35 shards")
+    p.add_argument("--skip-failed", action="store_true", help="do not retry ids in FILE.failures.jsonl")
+    p.add_argument("--batch-size", type=int, default=None, help="problems per backend round (llm: 16; rule: 256)")
+    llm = p.add_argument_group("llm over an OpenAI-compatible endpoint")
+    llm.add_argument("--base-url", help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    llm.add_argument("--model", help="model name sent to the endpoint")
+    llm.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the API key ('' for a server without keys)")
+    llm.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+    llm.add_argument("--max-retries", type=int, default=3, help="client retries on timeouts, 429 and 5xx")
+    llm.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    llm.add_argument("--max-attempts", type=int, default=3, help="attempts per stage (malformed output is retried)")
+    llm.add_argument("--max-tokens", type=int, default=2048)
+    local = p.add_argument_group("llm on a local HF checkpoint (memrl's generator)")
+    local.add_argument("--local-model", help="HF checkpoint directory")
+    local.add_argument("--device", default=None)
+    local.add_argument("--dtype", default="bfloat16")
+    return p
+
+
+def make_backend(args: argparse.Namespace):
+    if args.local_model:
+        from data_tools.llm_backends import LocalGeneratorBackend
+
+        return LocalGeneratorBackend(args.local_model, max_new_tokens=args.max_tokens, device=args.device,
+                                     dtype=args.dtype)
+    if not (args.base_url and args.model):
+        raise SystemExit("--method llm needs --base-url and --model, or --local-model")
+    from data_tools.llm_backends import OpenAIChatBackend
+
+    try:
+        return OpenAIChatBackend(args.base_url, args.model, api_key_env=args.api_key_env or None,
+                                 timeout=args.timeout, max_retries=args.max_retries,
+                                 concurrency=args.concurrency, max_tokens=args.max_tokens)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        problems = load_problems(args.input, args.dataset)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        problems = problems[: args.limit]
+    items = [(p.id, p) for p in problems]
+    backend = None
+    if args.method == "rule":
+        def process(batch: list[Problem]) -> list[Outcome]:
+            return [rule_outcome(p, args.unshardable, args.max_shards) for p in batch]
+        batch_size = args.batch_size or 256
+    else:
+        from data_tools.llm_shard import LLMShardConfig, LLMSharder
+
+        backend = make_backend(args)
+        sharder = LLMSharder(backend, LLMShardConfig(max_attempts=args.max_attempts, max_shards=args.max_shards,
+                                                     max_units=args.max_shards + 1, unshardable=args.unshardable))
+        process = sharder.shard_many
+        batch_size = args.batch_size or 16
+    try:
+        summary = run_resumable(items, process, args.out, batch_size=batch_size,
+                                desc=f"{args.method} {args.dataset}", skip_failed=args.skip_failed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if backend is not None:
+            backend.close()
+    print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
