@@ -46,8 +46,14 @@ GiB = 2**30
 LOSS_KW = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=1e-3, kl_type="k3")
 REF_ROWS = 64  # per end (first and last sequence)
 COPY_BYTES = {"cuda": GiB, "cpu": 64 * 2**20}
-PROVIDERS = ("eager", "compile", "liger", "ours")
-LABEL = {"eager": "eager PyTorch", "compile": "torch.compile", "liger": "Liger-Kernel", "ours": "memrl (ours)"}
+PROVIDERS = ("eager", "compile", "liger", "ours", "ours_unfused")
+LABEL = {"eager": "eager PyTorch", "compile": "torch.compile", "liger": "Liger-Kernel", "ours": "memrl (ours)",
+         "ours_unfused": "ours (A'+B unfused)"}
+ONLY_IN = {"ours_unfused": ("A'_fwd_bwd",)}  # providers that exist for some tables only
+
+
+def for_table(providers, table: str) -> list[str]:
+    return [p for p in providers if table in ONLY_IN.get(p, (table,))]
 TABLES = {
     "A_fwd": "A forward (no-grad scoring)",
     "A_fwd_bwd": "A forward+backward with loss B",
@@ -58,7 +64,9 @@ TABLES = {
 FLOOR_NOTE = {
     "A_fwd": "floor = one read of the bf16 logits (N·V·2 bytes) at the measured copy bandwidth. Δ: logp.",
     "A_fwd_bwd": "floor = 3 × N·V·2 bytes (forward read; backward read + write of the bf16 dlogits). Δ: dlogits.",
-    "A'_fwd_bwd": "floor = 3 cuBLAS lm_head GEMMs (logits, dH, dW). Δ: dhidden (dW is not checked here: "
+    "A'_fwd_bwd": "floor = 3 cuBLAS lm_head GEMMs (logits, dH, dW). ours = linear_ppo_loss (A'+B fused: the "
+                  "loss gradient is formed in the forward, 3 GEMMs); ours (A'+B unfused) = linear_token_logprobs "
+                  "+ ppo_loss (4 GEMMs: its backward recomputes the logits). Δ: dhidden (dW is not checked here: "
                   "it sums over all N rows; tests/ check it against float64).",
     "A'_fwd": "floor = 1 cuBLAS lm_head GEMM. Δ: logp.",
     "B": "floor = max(bytes moved: 38·N (fwd 17·N read, bwd 17·N read + 4·N write) at the copy bandwidth, "
@@ -408,7 +416,7 @@ def bench_logprob(run: Runner, plan: Plan, N: int, T: float, providers, liger: L
         logits.grad = None
 
     floor_fwd = N * V * 2 / bw * 1e3
-    for prov in providers:
+    for prov in for_table(providers, "A_fwd"):
         res = Result("A_fwd", prov, N, None, T, floor_ms=floor_fwd)
         if slow.get(("A_fwd", N, None, prov)):
             run.skip(res, slow[("A_fwd", N, None, prov)])
@@ -432,7 +440,7 @@ def bench_logprob(run: Runner, plan: Plan, N: int, T: float, providers, liger: L
         run.measure(res, fn, check=check)
 
     floor_fb = 3 * N * V * 2 / bw * 1e3
-    for prov in providers:
+    for prov in for_table(providers, "A_fwd_bwd"):
         res = Result("A_fwd_bwd", prov, N, None, T, floor_ms=floor_fb)
         if slow.get(("A_fwd_bwd", N, None, prov)):
             run.skip(res, slow[("A_fwd_bwd", N, None, prov)])
@@ -520,7 +528,7 @@ def bench_linear(run: Runner, plan: Plan, N: int, H: int, T: float, providers, l
     def reset():
         hidden.grad = weight.grad = None
 
-    for prov in providers:
+    for prov in for_table(providers, "A'_fwd_bwd"):
         res = Result("A'_fwd_bwd", prov, N, H, T, floor_ms=3 * gemm if gemm else None)
         if slow.get(("A'_fwd_bwd", N, H, prov)):
             run.skip(res, slow[("A'_fwd_bwd", N, H, prov)])
@@ -556,7 +564,7 @@ def bench_linear(run: Runner, plan: Plan, N: int, H: int, T: float, providers, l
                                   num_items_in_batch=N)
                 loss.backward(one)
                 return hidden.grad
-        else:
+        elif prov == "ours_unfused":
             linear_token_logprobs = import_ours("linear_token_logprobs")
 
             def fn():
@@ -564,9 +572,17 @@ def bench_linear(run: Runner, plan: Plan, N: int, H: int, T: float, providers, l
                 logp, _ = linear_token_logprobs(hidden, weight, targets, T)
                 ppo_loss(logp, old, ref, adv, mask, num_tokens, **LOSS_KW)[0].backward(one)
                 return hidden.grad
+        else:
+            linear_ppo_loss = import_ours("linear_ppo_loss")
+            res.note = "linear_ppo_loss (3 GEMMs)"
+
+            def fn():
+                reset()
+                linear_ppo_loss(hidden, weight, targets, adv, mask, num_tokens, old, ref, T, **LOSS_KW)[0].backward(one)
+                return hidden.grad
         run.measure(res, fn, check=lambda out: delta(out[rows], dh64), reset=reset)
 
-    for prov in providers:
+    for prov in for_table(providers, "A'_fwd"):
         res = Result("A'_fwd", prov, N, H, T, floor_ms=gemm)
         if slow.get(("A'_fwd", N, H, prov)):
             run.skip(res, slow[("A'_fwd", N, H, prov)])
@@ -602,7 +618,7 @@ def bench_loss(run: Runner, N: int, providers, bw: float, launch_ms: float):
     (dlogp64,) = torch.autograd.grad(loss64, lp64)
     floor = max(38 * N / bw * 1e3, 2 * launch_ms)
 
-    for prov in providers:
+    for prov in for_table(providers, "B"):
         res = Result("B", prov, N, floor_ms=floor)
         if prov == "liger":
             run.skip(res, "— (no standalone loss over [N] vectors; its loss is fused into triton_grpo_loss: table A)")
@@ -690,7 +706,7 @@ def main(argv=None):
         ap.error("--device cpu needs --quick (the full shapes need a GPU)")
     plan = (QUICK if args.quick else FULL) if args.device == "cuda" else CPU_QUICK
     providers = tuple(args.providers.split(",")) if args.providers else \
-        (PROVIDERS if args.device == "cuda" else ("eager", "liger", "ours"))
+        (PROVIDERS if args.device == "cuda" else ("eager", "liger", "ours", "ours_unfused"))
     assert all(p in PROVIDERS for p in providers), providers
     tables = set(args.tables.split(","))
     if args.device == "cuda":
