@@ -29,6 +29,8 @@ import torch
 from kernels.backend import interpreter_on, tl, triton, use_triton
 
 BLOCK_N = 64  # keys per inner step: a 64 x 128 bf16 tile is 16 KB, so three pipeline stages fit twice per SM
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
@@ -149,7 +151,9 @@ def num_splits_for(batch: int, kv_heads: int, max_len: int, device: torch.device
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                            scale: float, num_splits: int | None = None) -> torch.Tensor:
+                            scale: float, num_splits: int | None = None, block_n: int = BLOCK_N,
+                            num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """Tile config defaults are module constants; benchmarks/bench_generate.py times alternatives."""
     B, Hq, D = q.shape
     S, Hkv, T, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and S >= B and Hq % Hkv == 0
@@ -157,7 +161,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     q = q.contiguous()
     group = Hq // Hkv
     splits = num_splits or num_splits_for(B, Hkv, T, q.device)
-    split_size = triton.cdiv(triton.cdiv(T, splits), BLOCK_N) * BLOCK_N
+    split_size = triton.cdiv(triton.cdiv(T, splits), block_n) * block_n
     splits = triton.cdiv(T, split_size)
     out = torch.empty_like(q)
     direct = splits == 1
@@ -176,9 +180,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         *p_strides, *l_strides, out.stride(0), out.stride(1),
         scale, split_size,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK=BLOCK_N, IEEE=q.dtype == torch.float32, DIRECT=direct,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK=block_n, IEEE=q.dtype == torch.float32, DIRECT=direct,
         UPCAST=interpreter_on() and q.dtype != torch.float32,
-        num_warps=4, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _combine_kernel[(B, Hq)](

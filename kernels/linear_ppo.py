@@ -214,7 +214,8 @@ class _LinearPPOLoss(torch.autograd.Function):
                     torch.mm(x, w, out=dh[sl])  # GEMM 2: every row chunk owns its rows of dH
                 if need_dw:
                     _dw_accumulate(dw32, x, h_c)  # GEMM 3
-            del buf, scratch
+            # the view `x` keeps the chunk buffer alive too: drop both before dW is cast (peak memory)
+            del buf, scratch, x
         loss = torch.empty((), **f32)
         metrics = torch.empty(4, **f32)
         if N > 0:
@@ -234,6 +235,7 @@ class _LinearPPOLoss(torch.autograd.Function):
         ctx.dh, ctx.dw = dh, dw
         outs = (loss, metrics, logp) + ((ent,) if with_entropy else ())
         ctx.mark_non_differentiable(*outs[1:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
         return outs
 
     @staticmethod
@@ -243,6 +245,8 @@ class _LinearPPOLoss(torch.autograd.Function):
             raise RuntimeError("linear_ppo_loss: backward called twice (its gradients are formed in the forward "
                                "and handed out once)")
         ctx.dh = ctx.dw = None
+        if g_loss is None:
+            return (None,) * 18
         g = g_loss.to(torch.float32)
         # in place on our own tensors: the product is computed in fp32 and rounded once to their dtype
         dh = dh.mul_(g) if dh is not None and ctx.needs_input_grad[0] else None

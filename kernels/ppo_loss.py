@@ -170,11 +170,13 @@ class _PPOLossTriton(torch.autograd.Function):
         ctx.save_for_backward(logp, old_arg, ref_arg, advantages, mask, num_tokens)
         ctx.params, ctx.flags = params, flags
         ctx.mark_non_differentiable(metrics)
+        # no zero-filled gradient for `metrics` in backward: that fill would be a third launch per step
+        ctx.set_materialize_grads(False)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        if not ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0] or grad_loss is None:
             return (None,) * 11
         logp, old_arg, ref_arg, advantages, mask, num_tokens = ctx.saved_tensors
         dlogp = torch.empty_like(logp)
