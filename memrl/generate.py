@@ -1,0 +1,565 @@
+"""Batched generation with a KV cache: the trainer's own model, in-process, no second engine.
+
+    gen = Generator(model, vocab_size=tokenizer.vocab_size)
+    completions = gen.generate(prompts, SamplingParams(max_new_tokens=256, stop_ids=frozenset(tokenizer.stop_ids), n=4))
+
+How a call runs
+  1. Requests (prompt x n samples) queue up. A slot of the KV cache holds one sequence (memrl/kv_cache.py); the
+     cache has `capacity // slot_len` slots, sized from a token budget or a share of free GPU memory, and work
+     that does not fit waits in the queue — never an out-of-memory crash.
+  2. Admission: waiting requests are prefilled into free slots, longest prompts first, in right-padded batches of
+     at most `prefill_tokens` tokens (causal SDPA, flash kernel on GPU). A prompt is prefilled once; its K/V is
+     written into all n of its samples' slots (the fork) and the n first tokens are sampled from its last logits.
+  3. Decode: one token for every live row per step. Rows finish on their own (a stop id or their
+     max_new_tokens) and then stop costing decode time:
+       - compaction: finished rows leave the batch and the last live rows move into their slots, so the batch
+         is always slots 0..B-1 and shrinks as rows finish (the step's cost is ~proportional to B);
+       - continuous admission: when a quarter of the slots are free (or all waiting work fits), waiting
+         requests are prefilled into the free slots and join the running batch.
+     Why both: in RL rollouts lengths vary a lot (a few rows run to max_new_tokens, most stop early). Compaction
+     alone would leave the GPU decoding a thin tail; admission alone (without moving rows) would need a slot
+     table in the attention kernel. Prefill in admission batches rather than per freed slot keeps prefill GEMMs
+     large.
+  4. On GPU each decode step is a CUDA graph, captured once per batch-size bucket (1, 2, 4, 8, 16, 32, 48, ...
+     up to the slot count; padding rows are inert) and replayed: forward, attention over each row's valid KV
+     (kernels/decode_attention.py), sampling (a fused Triton sampler; rows with top-k/top-p replay a
+     forward-only graph and sort outside it) and the state update, all on the device. The host looks at the
+     device only every `sync_every` steps (to compact and admit; a finished row idles at most that many steps),
+     so the GPU never waits for Python. The model around the attention ops is torch.compile'd (fuses norms,
+     RoPE, SwiGLU, residuals; `compile=`), falling back to eager if compilation fails.
+
+Guarantees
+  - Greedy = argmax at every step (equal to transformers' greedy generate and to a full-recompute loop, up to
+    floating-point ties). Sampling is seeded per request: a request with its own seed samples tokens that depend
+    only on (seed, sample index, its prompt, its params, the model) — not on the other requests of the call, their
+    order, the KV budget or the scheduling (memrl/sampling.py: the noise is a hash of (row key, step, token id)).
+    A seed shared by several requests (one SamplingParams for the whole call) is combined with the prompt index,
+    so there a request's tokens also depend on its position in the list. seed=None draws a seed from torch's
+    global RNG. On GPU, batched GEMMs may round differently at different batch sizes, so there the guarantee
+    holds up to such rounding (a near-tie can flip).
+  - `logprobs` are fp32 log-probs of each sampled token under the distribution it was sampled from (temperature,
+    top-k, top-p applied and renormalised; greedy rows: the plain softmax), ids >= vocab_size never sampled.
+  - The stop token is part of token_ids; finish_reason is "stop" iff the last token is one of the stop ids.
+  - A prompt + max_new_tokens beyond the context window is cut at the window (finish "length"); a prompt longer
+    than the window, an empty prompt or an id outside the model's vocabulary raise ValueError.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import get_backend
+from memrl.kv_cache import KVCache, decode_attention_op, prefill_attention_op
+from memrl.model import Transformer
+from memrl.sampling import SamplingParams, row_keys, sample_fused, sample_torch
+
+__all__ = ["Generator", "SamplingParams", "Completion"]
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # fp32 log-prob of each token under the distribution it was sampled from
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class _Request:
+    prompt_index: int
+    ids: list[int]
+    params: SamplingParams
+    max_new: int  # after the context-window cut
+    seed: int
+    stream: int  # mixed into the noise keys: the prompt index when the seed is shared, else -1
+    first_row: int  # result row of sample 0
+    samples: list[int]  # sample indices not yet admitted
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Batch sizes that get their own CUDA graph (about 20 up to 512 rows). Below 64 rows a step costs about the
+    same at any batch size (it reads the weights once), above that padding adds at most ~25%."""
+    if n <= 8:
+        b = 1 << (n - 1).bit_length()
+    else:
+        step = 16 if n <= 128 else 32 if n <= 256 else 64 if n <= 512 else 128
+        b = -(-n // step) * step
+    return min(b, cap)
+
+
+class _SlotState:
+    """Per-slot decode state, on the device, in static buffers (CUDA graphs read and update them in place)."""
+
+    def __init__(self, slots: int, width: int, max_stop: int, kv_heads: int, slot_len: int, device):
+        z = dict(device=device, dtype=torch.int64)
+        self.cur_tok = torch.zeros(slots, **z)  # the token fed at this step
+        self.pos = torch.zeros(slots, **z)  # its position (= KV length before this step)
+        self.gen = torch.zeros(slots, **z)  # tokens generated so far (= index of the next one)
+        self.max_new = torch.zeros(slots, **z)
+        self.top_k = torch.zeros(slots, **z)
+        self.key0 = torch.zeros(slots, **z)
+        self.key1 = torch.zeros(slots, **z)
+        self.temp = torch.ones(slots, device=device)  # 0 = greedy
+        self.top_p = torch.ones(slots, device=device)
+        self.stop = torch.full((slots, max_stop), -1, **z)  # stop ids, padded with -1
+        self.done = torch.ones(slots, device=device, dtype=torch.bool)
+        self.out_tok = torch.zeros(slots, width, **z)  # column width-1 takes the writes of finished rows
+        self.out_logp = torch.zeros(slots, width, device=device)
+        self.rows = torch.arange(slots, **z)
+        heads = torch.arange(kv_heads, **z)
+        self.kv_base = (self.rows[:, None] * kv_heads + heads[None, :]) * slot_len  # flat KV row of position 0
+        self.width = width
+
+    def per_slot(self) -> list[torch.Tensor]:
+        return [self.cur_tok, self.pos, self.gen, self.max_new, self.top_k, self.key0, self.key1, self.temp,
+                self.top_p, self.stop, self.done, self.out_tok, self.out_logp]
+
+    def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        for t in self.per_slot():
+            t[dst] = t[src]
+
+    def reset(self, lo: int, hi: int) -> None:
+        """Inert padding rows: done (nothing recorded), position 0 of their own (free) slot."""
+        for t in (self.cur_tok, self.pos, self.gen, self.max_new):
+            t[lo:hi] = 0
+        self.done[lo:hi] = True
+
+
+class Generator:
+    def __init__(self, model: Transformer, vocab_size: int, kv_budget_tokens: int | None = None,
+                 kv_memory_fraction: float = 0.5, prefill_tokens: int | None = None,
+                 cuda_graphs: bool | None = None, compile: bool | None = None, sync_every: int | None = None,
+                 kernels: str | None = None):
+        """model: our Transformer (any device/dtype). vocab_size: the tokenizer's real size (ids above it are masked).
+
+        kv_budget_tokens: KV cache size in tokens (all rows x their slot length); default on GPU: kv_memory_fraction
+          of the free memory left after a reserve for prefill activations; on CPU: whatever the call needs.
+        prefill_tokens: padded tokens per prefill batch (bounds activation memory); default 32k GPU / 8k CPU.
+        cuda_graphs / compile: default on when the model is on CUDA. compile falls back to eager on failure.
+        sync_every: decode steps between host looks at the device; default 16 on GPU, 1 on CPU (syncs are free).
+        kernels: "triton" | "torch" | None (kernels.get_backend(); "auto" = Triton on CUDA, the torch references on
+          CPU even under TRITON_INTERPRET, which is for kernel tests — pass "triton" to run the interpreter).
+        """
+        cfg = model.config
+        if not 0 < vocab_size <= cfg.vocab_size:
+            raise ValueError(f"vocab_size must be in [1, {cfg.vocab_size}] (the model's rows), got {vocab_size}")
+        self.model, self.cfg, self.vocab_size = model, cfg, vocab_size
+        weight = model.output_weight()
+        self.device, self.dtype = weight.device, weight.dtype
+        on_cuda = self.device.type == "cuda"
+        backend = kernels or get_backend()
+        self.use_triton = backend == "triton" or (backend == "auto" and on_cuda)
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.compile = on_cuda if compile is None else compile
+        self.kv_budget_tokens = kv_budget_tokens
+        self.kv_memory_fraction = kv_memory_fraction
+        self.prefill_tokens = prefill_tokens or (32768 if on_cuda else 8192)
+        self.sync_every = sync_every or (16 if on_cuda else 1)
+        # test hooks, so the CPU tests walk the GPU schedule: padded buckets, the capture's warm-up and undo
+        self._pad_batches = self.cuda_graphs
+        self._rehearse = False
+        self.cache = KVCache(cfg, self.dtype, self.device, self.use_triton)
+        self.state: _SlotState | None = None
+        self._layout_key = None
+        self._graphs: dict = {}
+        self._pool = None
+        self._decode_fn = self._prefill_fn = None
+        self.last_stats: dict = {}
+
+    # -- public ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Completions ordered by (prompt_index, sample_index); n samples of a prompt share one prefill."""
+        t0 = time.perf_counter()
+        requests, results = self._requests(prompts, params)
+        self.stats = dict(rows=len(results), prefill_s=0.0, prefill_tokens=0, prefill_padded_tokens=0,
+                          decode_steps=0, decode_row_steps=0, padded_row_steps=0, capture_s=0.0, admissions=0)
+        live = [r for r in requests if r.max_new > 0]
+        if live:
+            self._prepare(live, len(results))
+            self._run(live)
+            self._collect(requests, results)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats["total_s"] = time.perf_counter() - t0
+        self.stats["new_tokens"] = sum(len(c.token_ids) for c in results)
+        self.last_stats = self.stats
+        return results
+
+    def release(self) -> None:
+        """Free the KV cache and the CUDA graphs (their memory returns to PyTorch's allocator)."""
+        self.cache.release()
+        self.state, self._layout_key, self._graphs, self._pool = None, None, {}, None
+
+    # -- validation and planning -------------------------------------------------------------------------------
+
+    def _requests(self, prompts, params):
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        window, vocab_rows = self.cfg.max_position_embeddings, self.cfg.vocab_size
+        shared = {sd for sd in (p.seed for p in params) if sd is not None}
+        shared = {sd for sd in shared if sum(p.seed == sd for p in params) > 1}
+        requests, results = [], []
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            ids = [int(t) for t in ids]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on")
+            if len(ids) > window:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens, longer than the context window "
+                                 f"(max_position_embeddings={window})")
+            if min(ids) < 0 or max(ids) >= vocab_rows:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab_rows})")
+            # a request's noise stream: (its own seed, sample); a seed shared by several requests (one params object
+            # for the whole call) also takes the prompt index, so different prompts never share noise
+            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            stream = i if p.seed is None or p.seed in shared else -1
+            max_new = min(p.max_new_tokens, window - len(ids))
+            requests.append(_Request(i, ids, p, max_new, seed, stream, len(results), list(range(p.n))))
+            results += [Completion(i, j, [], [], "length") for j in range(p.n)]
+        return requests, results
+
+    def _prepare(self, requests: list[_Request], rows: int) -> None:
+        """Size the cache and the static state for this call; drop CUDA graphs that no longer apply."""
+        granule = 128 if self.cuda_graphs else 16  # coarse on GPU: calls with similar lengths reuse their graphs
+        longest = max(len(r.ids) + r.max_new for r in requests)
+        slot_len = -(-longest // granule) * granule
+        need = sum(len(r.samples) for r in requests) * slot_len
+        tokens = min(need, self._budget_tokens(rows))
+        if tokens < slot_len:
+            raise ValueError(f"KV budget of {tokens} tokens cannot hold one sequence of {slot_len} tokens "
+                             f"(longest prompt + max_new_tokens); raise kv_budget_tokens / kv_memory_fraction")
+        self.cache.reserve(tokens)
+        max_stop = max(8, max(len(r.params.stop_ids) for r in requests))
+        weights = tuple(p.data_ptr() for p in self.model.parameters())
+        key = (self.cache.buffer.data_ptr(), self.cache.capacity, slot_len, max_stop, weights)
+        if key != self._layout_key:
+            S = self.cache.configure(slot_len)
+            self.state = _SlotState(S, slot_len + 1, max_stop, self.cfg.num_key_value_heads, slot_len, self.device)
+            self._graphs = {}
+            self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+            self._layout_key = key
+        S = self.cache.slots
+        self.res_tok = torch.zeros(rows, self.state.width, dtype=torch.int64, device=self.device)
+        self.res_logp = torch.zeros(rows, self.state.width, device=self.device)
+        self.res_len = np.zeros(rows, dtype=np.int64)
+        # host mirrors of the slots (moved along with the device state)
+        self.h_row = np.zeros(S, dtype=np.int64)  # result row
+        self.h_gen = np.zeros(S, dtype=np.int64)  # tokens generated, assuming the row has not finished
+        self.h_len = np.zeros(S, dtype=np.int64)  # prompt length
+        self.h_max_new = np.zeros(S, dtype=np.int64)
+        self.h_trunc = np.zeros(S, dtype=bool)  # row needs the top-k/top-p sampler
+        self.B = 0
+        self.stats.update(slots=S, slot_len=slot_len)
+
+    def _budget_tokens(self, rows: int) -> int:
+        if self.kv_budget_tokens is not None:
+            return self.kv_budget_tokens
+        if self.device.type != "cuda":
+            return 1 << 62  # CPU: what the call needs
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # plus what PyTorch's caching allocator holds unused, and our own cache (reused or replaced)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        held = self.cache.capacity * self.cache.bytes_per_token
+        cfg = self.cfg
+        elem = self.cache.bytes_per_token // (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim)
+        # prefill activations (a few [tokens, hidden] and [tokens, intermediate] tensors live at once), the
+        # decode logits and the top-p sort of every row ([rows, vocab] fp32 values + int64 indices), graph pools
+        prefill = self.prefill_tokens * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * elem
+        sampling = rows * cfg.vocab_size * 24
+        reserve = prefill + sampling + (1 << 30)
+        return int(self.kv_memory_fraction * max(0, free + held - reserve)) // self.cache.bytes_per_token
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def _run(self, requests: list[_Request]) -> None:
+        waiting = deque(requests)
+        S = self.cache.slots
+        while waiting or self.B:
+            free = S - self.B
+            queued = sum(len(r.samples) for r in waiting)
+            if waiting and (self.B == 0 or free >= min(max(1, S // 4), queued)):
+                self._admit(waiting)
+                self._compact()  # rows that finished on their first token leave at once
+                continue
+            steps = 1 if self.sync_every <= 1 else int(min(
+                self.sync_every, (self.h_max_new[:self.B] - self.h_gen[:self.B]).max()))
+            for _ in range(max(1, steps)):
+                self._decode_step()
+                self.h_gen[:self.B] += 1  # an upper bound until _compact reads the device
+            self._compact()
+
+    def _admit(self, waiting: deque) -> None:
+        t0 = self._now()
+        st, lo = self.state, self.B
+        free = self.cache.slots - lo
+        entries = []  # (request, sample indices, first slot)
+        slot = lo
+        while waiting and free > 0:
+            req = waiting[0]
+            take, req.samples = req.samples[:free], req.samples[free:]
+            entries.append((req, take, slot))
+            slot, free = slot + len(take), free - len(take)
+            if not req.samples:
+                waiting.popleft()
+        hi = slot
+        # per-slot parameters, one host->device copy per tensor
+        cols = {name: [] for name in ("temp", "top_k", "top_p", "key0", "key1", "max_new", "pos", "stop")}
+        for req, take, first in entries:
+            p = req.params
+            for j, s in zip(take, range(first, first + len(take))):
+                k0, k1 = row_keys(req.seed, req.stream, j)
+                cols["temp"].append(0.0 if p.is_greedy else p.temperature)
+                cols["top_k"].append(p.top_k if p.truncates else 0)
+                cols["top_p"].append(p.top_p if p.truncates else 1.0)
+                cols["key0"].append(k0)
+                cols["key1"].append(k1)
+                cols["max_new"].append(req.max_new)
+                cols["pos"].append(len(req.ids) - 1)  # the first sample moves it to len(prompt)
+                stops = sorted(p.stop_ids)
+                cols["stop"].append(stops + [-1] * (st.stop.shape[1] - len(stops)))
+                self.h_row[s], self.h_gen[s], self.h_len[s] = req.first_row + j, 1, len(req.ids)
+                self.h_max_new[s], self.h_trunc[s] = req.max_new, p.truncates
+        for name, values in cols.items():
+            t = getattr(st, name)
+            t[lo:hi] = torch.tensor(values, dtype=t.dtype).to(self.device, non_blocking=True)
+        st.gen[lo:hi] = 0
+        st.done[lo:hi] = False
+
+        # prefill, longest prompts first, in batches of at most prefill_tokens padded tokens
+        entries.sort(key=lambda e: -len(e[0].ids))
+        i = 0
+        while i < len(entries):
+            T = len(entries[i][0].ids)
+            j = i + 1
+            while j < len(entries) and (j - i + 1) * T <= self.prefill_tokens:
+                j += 1
+            self._prefill(entries[i:j])
+            i = j
+        self.B = hi
+        self.stats["admissions"] += 1
+        self.stats["prefill_s"] += self._now() - t0
+
+    def _prefill(self, entries) -> None:
+        P, T = len(entries), len(entries[0][0].ids)
+        ids = torch.zeros(P, T, dtype=torch.int64)
+        lens, dst, src = [], [], []
+        for r, (req, take, first) in enumerate(entries):
+            ids[r, :len(req.ids)] = torch.tensor(req.ids)
+            lens.append(len(req.ids))
+            dst += range(first, first + len(take))
+            src += [r] * len(take)
+        dev = self.device
+        ids, dst_t, src_t = ids.to(dev), torch.tensor(dst, device=dev), torch.tensor(src, device=dev)
+        last = torch.tensor(lens, device=dev) - 1
+        positions = torch.arange(T, device=dev).expand(P, T)
+        logits = self._prefill_forward(ids, positions, last, dst_t, src_t)[src_t]  # (rows, V): one per sample
+        trunc = self.h_trunc[dst]
+        self._sample_and_advance(dst_t, logits, np.flatnonzero(trunc) if trunc.any() else None)
+        self.stats["prefill_tokens"] += sum(lens)
+        self.stats["prefill_padded_tokens"] += P * T
+
+    def _compact(self) -> None:
+        """Finished rows out (results saved), tail rows into the holes: live rows stay in slots 0..B-1."""
+        B, st = self.B, self.state
+        if B == 0:
+            return
+        info = torch.stack([st.done[:B].long(), st.gen[:B]]).cpu().numpy()  # the one host sync per round
+        done, gen = info[0].astype(bool), info[1]
+        self.h_gen[:B] = gen
+        finished = np.flatnonzero(done)
+        if finished.size == 0:
+            return
+        fin_t = torch.from_numpy(finished).to(self.device)
+        res_rows = torch.from_numpy(self.h_row[finished]).to(self.device)
+        self.res_tok.index_copy_(0, res_rows, st.out_tok.index_select(0, fin_t))
+        self.res_logp.index_copy_(0, res_rows, st.out_logp.index_select(0, fin_t))
+        self.res_len[self.h_row[finished]] = gen[finished]
+        live = np.flatnonzero(~done)
+        k = live.size
+        holes, movers = finished[finished < k], live[live >= k]
+        if movers.size:
+            dst, src = torch.from_numpy(holes).to(self.device), torch.from_numpy(movers).to(self.device)
+            st.move(dst, src)
+            self.cache.move(dst, src)
+            for h in (self.h_row, self.h_gen, self.h_len, self.h_max_new, self.h_trunc):
+                h[holes] = h[movers]
+        st.reset(k, B)
+        self.B = k
+
+    def _collect(self, requests: list[_Request], results: list[Completion]) -> None:
+        toks, logps = self.res_tok.cpu().tolist(), self.res_logp.cpu().tolist()
+        for req in requests:
+            for j in range(req.params.n):
+                r = req.first_row + j
+                n = int(self.res_len[r])
+                c = results[r]
+                c.token_ids, c.logprobs = toks[r][:n], logps[r][:n]
+                c.finish_reason = "stop" if n and c.token_ids[-1] in req.params.stop_ids else "length"
+
+    # -- one decode step ----------------------------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        B = self.B
+        trunc = self.h_trunc[:B]
+        fused = self.use_triton and not trunc.any()
+        truncate_rows = np.flatnonzero(trunc) if trunc.any() else None
+        self.stats["decode_steps"] += 1
+        self.stats["decode_row_steps"] += B
+        Bb = _bucket(B, self.cache.slots) if self._pad_batches else B
+        self.stats["padded_row_steps"] += Bb - B
+        if self.cuda_graphs:
+            graph, logits = self._graph(Bb, fused)
+            graph.replay()
+        else:
+            if self._rehearse and (Bb, fused) not in self._graphs:
+                self._warm_up(Bb, fused)
+                self._graphs[(Bb, fused)] = None
+            if not self.use_triton:  # torch attention reads keys up to the longest live row only
+                self.cache.host_max_len = int(min((self.h_len[:B] + self.h_gen[:B]).max(), self.cache.slot_len))
+            logits = self._step_body(Bb, fused)
+        if not fused:
+            self._sample_and_advance(self.state.rows[:Bb], logits, truncate_rows)
+
+    def _step_body(self, Bb: int, fused: bool):
+        """Forward of slots 0..Bb-1 (+ fused sampling and state update when `fused`); graph-capturable."""
+        st = self.state
+        logits = self._decode_forward(st.cur_tok, st.pos, st.kv_base, Bb)
+        if not fused:
+            return logits
+        token, logp = sample_fused(logits, self.vocab_size, st.temp[:Bb], st.key0[:Bb], st.key1[:Bb], st.gen[:Bb])
+        self._advance(st.rows[:Bb], token, logp)
+        return None
+
+    def _sample_and_advance(self, rows: torch.Tensor, logits: torch.Tensor, truncate_rows) -> None:
+        """Sample one token for the given slots from their logits [len(rows), V]; update their state."""
+        st = self.state
+        if self.use_triton and truncate_rows is None:
+            token, logp = sample_fused(logits, self.vocab_size, st.temp[rows], st.key0[rows], st.key1[rows],
+                                       st.gen[rows])
+        else:
+            tr = None if truncate_rows is None else torch.as_tensor(truncate_rows, device=self.device)
+            token, logp = sample_torch(logits, self.vocab_size, st.temp[rows], st.top_k[rows], st.top_p[rows],
+                                       st.key0[rows], st.key1[rows], st.gen[rows], tr)
+        self._advance(rows, token, logp)
+
+    def _advance(self, rows: torch.Tensor, token: torch.Tensor, logp: torch.Tensor) -> None:
+        """Record the sampled tokens, detect stops, move live rows one position on. No host sync."""
+        st = self.state
+        done = st.done[rows]
+        live = ~done
+        gen = st.gen[rows]
+        col = torch.where(live, gen, st.width - 1)  # finished rows write into the spare last column
+        st.out_tok[rows, col] = token
+        st.out_logp[rows, col] = logp
+        stopped = (token[:, None] == st.stop[rows]).any(dim=1)
+        gen = gen + live.long()
+        finished = live & (stopped | (gen >= st.max_new[rows]))
+        st.gen.index_copy_(0, rows, gen)
+        # a row that just finished keeps its position, so it never writes past its slot while it waits to leave
+        st.pos.index_copy_(0, rows, st.pos[rows] + (live & ~finished).long())
+        st.cur_tok.index_copy_(0, rows, torch.where(live, token, st.cur_tok[rows]))
+        st.done.index_copy_(0, rows, done | finished)
+
+    # -- forward passes (optionally compiled) and CUDA graphs ------------------------------------------------------
+
+    def _decode_forward(self, tok, pos, kv_base, n: int):
+        if self._decode_fn is None:
+            self._decode_fn = self._maybe_compile(_make_decode_fn(self.model, self.cache.id))
+        return self._decode_fn(tok, pos, kv_base, n)
+
+    def _prefill_forward(self, ids, positions, last, dst, src):
+        if self._prefill_fn is None:
+            self._prefill_fn = self._maybe_compile(_make_prefill_fn(self.model, self.cache.id))
+        return self._prefill_fn(ids, positions, last, dst, src)
+
+    def _maybe_compile(self, fn):
+        if not self.compile:
+            return fn
+        compiled = torch.compile(fn, dynamic=True)
+
+        def call(*args):
+            if self.compile:
+                try:
+                    return compiled(*args)
+                except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly, loudly
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); continuing eagerly")
+                    self.compile = False
+            return fn(*args)
+
+        return call
+
+    def _graph(self, Bb: int, fused: bool):
+        """The CUDA graph of one decode step at bucket size Bb (captured on first use)."""
+        key = (Bb, fused)
+        if key not in self._graphs:
+            t0 = time.perf_counter()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: compiles kernels, initialises cuBLAS, outside the capture
+                self._warm_up(Bb, fused)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._step_body(Bb, fused)
+            self._graphs[key] = (graph, out)
+            self.stats["capture_s"] += time.perf_counter() - t0
+        return self._graphs[key]
+
+    def _warm_up(self, Bb: int, fused: bool) -> None:
+        """Run the step twice, then undo its effect on the state. The K/V it wrote are harmless: live rows get
+        the same values rewritten by the real step, positions past a row's length are never read."""
+        saved = [t.clone() for t in self.state.per_slot()]
+        for _ in range(2):
+            self._step_body(Bb, fused)
+        for t, s in zip(self.state.per_slot(), saved):
+            t.copy_(s)
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def _make_decode_fn(model: Transformer, cache_id: int):
+    def decode(tok, pos, kv_base, n):
+        """Slots 0..n-1: tok, pos [n] -> next-token logits [n, V]; K/V of the new token written at kv_base + pos.
+
+        Takes the whole static buffers and slices inside: torch.compile guards on a view's base, so passing
+        views of different lengths would recompile."""
+        tok, pos, kv_base = tok[:n], pos[:n], kv_base[:n]
+        lengths = pos + 1
+        kv_index = kv_base + pos[:, None]  # (B, Hkv)
+
+        def attn(layer, q, k, v):
+            return decode_attention_op(q, k, v, kv_index, lengths, layer, cache_id)
+
+        hidden = model(tok[:, None], positions=pos[:, None], attn_fn=attn, return_hidden=True)  # (B, 1, H)
+        return F.linear(hidden[:, 0], model.output_weight())
+
+    return decode
+
+
+def _make_prefill_fn(model: Transformer, cache_id: int):
+    def prefill(ids, positions, last, dst, src):
+        """Right-padded ids [P, T] -> logits [P, V] at each prompt's last token; K/V stored into slots dst."""
+
+        def attn(layer, q, k, v):
+            return prefill_attention_op(q, k, v, dst, src, layer, cache_id)
+
+        hidden = model(ids, positions=positions, attn_fn=attn, return_hidden=True)  # (P, T, H)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return F.linear(hidden[rows, last], model.output_weight())  # lm_head on P rows, not P*T
+
+    return prefill

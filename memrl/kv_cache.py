@@ -1,0 +1,136 @@
+"""The generator's KV cache: one contiguous slot per sequence, live rows packed at the front.
+
+Layout: k, v [layers, slots, Hkv, slot_len, D], two views of one flat buffer sized in tokens (a budget, or a share
+of free GPU memory: see Generator). A generate call picks `slot_len` (its longest prompt + max_new_tokens, rounded
+up) and gets `slots = capacity // slot_len` rows; rows beyond that wait (continuous admission, memrl/generate.py).
+
+Invariant: the B live rows of the decode batch occupy slots 0 .. B-1, row b in slot b. When rows finish, the
+tail rows move into the holes (`move`, one copy of each moved row's slot); new rows are prefilled into slots
+B, B+1, ... So decode reads plain prefixes: the CPU path attends over views `k[layer, :B, :, :max_len]` with no
+gather, and the GPU kernel needs no slot table. Moving a row costs one read + write of its slot (~37 MB at
+Qwen2.5-1.5B shapes, ~25 us), once per finished row: noise next to the ~8 ms decode steps it saves.
+
+Writes: prefill stores each prompt's k/v into one or several slots (n samples of a prompt share one prefill and
+each gets a copy of the prefix: the fork); decode stores one token per row at its position via a flat index
+(`slot * Hkv + head) * slot_len + pos`. Positions past a row's length hold stale data that is never read.
+
+The two attention entry points are also registered as torch custom ops (`memrl::decode_attention`,
+`memrl::prefill_attention`) so torch.compile can fuse the rest of the model around them. They find their cache
+through a registry id, as vLLM does: the compiler never sees the cache tensor, hence never functionalises
+(copies) it and never reorders around the in-place write.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from kernels.decode_attention import decode_attention_torch, decode_attention_triton
+from memrl.model import ModelConfig
+
+_REGISTRY: "weakref.WeakValueDictionary[int, KVCache]" = weakref.WeakValueDictionary()
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, use_triton: bool):
+        self.layers, self.kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.q_heads = cfg.num_attention_heads
+        self.dtype, self.device = dtype, device
+        self.use_triton = use_triton
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = 2 * self.layers * self.kv_heads * self.head_dim * elem
+        self.capacity = 0  # tokens the buffer holds
+        self.buffer: torch.Tensor | None = None
+        self.k = self.v = None
+        self.slots = self.slot_len = 0
+        self.host_max_len: int | None = None  # CPU path: the longest live row, so attention reads no further
+        self.id = id(self)
+        _REGISTRY[self.id] = self
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` tokens of K and V (reallocating only to grow)."""
+        if tokens <= self.capacity:
+            return
+        self.release()
+        per_tok = self.layers * self.kv_heads * self.head_dim
+        # zeros, not empty: the torch attention multiplies keys past a row's length by probability 0, and 0 * NaN
+        # from never-written memory would be NaN (stale entries of earlier rows are always finite)
+        self.buffer = torch.zeros(2 * tokens * per_tok, dtype=self.dtype, device=self.device)
+        self.capacity = tokens
+
+    def release(self) -> None:
+        """Drop the buffer (e.g. to give the memory back to training between rollouts)."""
+        self.buffer = self.k = self.v = None
+        self.capacity = self.slots = self.slot_len = 0
+
+    def configure(self, slot_len: int) -> int:
+        """View the buffer as slots of slot_len tokens; returns the number of slots."""
+        assert self.buffer is not None and slot_len <= self.capacity
+        S = self.capacity // slot_len
+        half = self.buffer.numel() // 2
+        shape = (self.layers, S, self.kv_heads, slot_len, self.head_dim)
+        n = math.prod(shape)
+        self.k = self.buffer[:n].view(shape)
+        self.v = self.buffer[half:half + n].view(shape)
+        self.slots, self.slot_len = S, slot_len
+        return S
+
+    def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy whole slots src -> dst (disjoint sets): compaction of the live rows."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+    # -- attention ------------------------------------------------------------------------------------------
+
+    def prefill_attention(self, layer: int, q, k, v, dst_slots, src_rows) -> torch.Tensor:
+        """q [P, Hq, T, D], k/v [P, Hkv, T, D] of right-padded prompts starting at position 0.
+
+        Stores k/v of prefill row src_rows[i] into slot dst_slots[i] (a row may feed several slots: the n-sample
+        fork), then causal attention within each prompt. Right padding sits after every real token, so plain
+        causal attention is exact for the real positions and SDPA can take its flash kernel (no mask)."""
+        T = k.shape[2]
+        self.k[layer, dst_slots, :, :T] = k[src_rows]
+        self.v[layer, dst_slots, :, :T] = v[src_rows]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
+
+    def decode_attention(self, layer: int, q, k, v, kv_index, lengths) -> torch.Tensor:
+        """q [B, Hq, 1, D], k/v [B, Hkv, 1, D] of the rows in slots 0..B-1; kv_index [B, Hkv] flat write rows;
+        lengths [B] = position + 1 (the new token included). Returns [B, Hq, 1, D]."""
+        D = self.head_dim
+        self.k[layer].view(-1, D).index_copy_(0, kv_index.reshape(-1), k.reshape(-1, D))
+        self.v[layer].view(-1, D).index_copy_(0, kv_index.reshape(-1), v.reshape(-1, D))
+        q1 = q[:, :, 0]
+        if self.use_triton:
+            out = decode_attention_triton(q1, self.k[layer], self.v[layer], lengths, self.scale)
+        else:
+            out = decode_attention_torch(q1, self.k[layer], self.v[layer], lengths, self.scale, self.host_max_len)
+        return out.unsqueeze(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom ops: opaque to torch.compile, which fuses the norms / RoPE / SwiGLU / residuals between them
+
+
+@torch.library.custom_op("memrl::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
+                        lengths: torch.Tensor, layer: int, cache_id: int) -> torch.Tensor:
+    return _REGISTRY[cache_id].decode_attention(layer, q, k, v, kv_index, lengths).contiguous()
+
+
+@decode_attention_op.register_fake
+def _(q, k, v, kv_index, lengths, layer, cache_id):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("memrl::prefill_attention", mutates_args=())
+def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dst_slots: torch.Tensor,
+                         src_rows: torch.Tensor, layer: int, cache_id: int) -> torch.Tensor:
+    return _REGISTRY[cache_id].prefill_attention(layer, q, k, v, dst_slots, src_rows).contiguous()
+
+
+@prefill_attention_op.register_fake
+def _(q, k, v, dst_slots, src_rows, layer, cache_id):
+    return q.new_empty(q.shape)

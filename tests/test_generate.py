@@ -1,0 +1,341 @@
+"""Generator on CPU against independent sides: a full-recompute greedy loop, transformers' greedy generate, a
+teacher-forced forward (log-probs), a chi-square test of the sampled frequencies; plus the request contract."""
+import math
+
+import pytest
+import torch
+
+from memrl.generate import Completion, Generator, SamplingParams
+from memrl.hf_io import load_model
+from tests.tiny import FAMILIES, make_tiny_checkpoint
+
+PROMPT_LENS = [5, 17, 9, 1]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return {f: make_tiny_checkpoint(tmp_path_factory.mktemp(f), f, seed=11 + i) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="module")
+def qwen2(ckpts):
+    return load_model(ckpts["qwen2"], dtype=torch.float32)
+
+
+def ragged_prompts(seed=0, lens=PROMPT_LENS):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 259, (n,), generator=g).tolist() for n in lens]
+
+
+def naive_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def hf_model(ckpt):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    ref.generation_config.eos_token_id = None  # random weights: run to full length, as our call without stop ids
+    ref.generation_config.pad_token_id = 256
+    return ref.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_naive_loop_and_transformers(ckpts, family):
+    model = load_model(ckpts[family], dtype=torch.float32)
+    prompts, n_new = ragged_prompts(1), 14
+    gen = Generator(model, vocab_size=model.config.vocab_size)  # no masking: transformers does none
+    batched = gen.generate(prompts, SamplingParams(max_new_tokens=n_new, greedy=True))
+    ref = hf_model(ckpts[family])
+    for i, p in enumerate(prompts):
+        alone = gen.generate([p], SamplingParams(max_new_tokens=n_new, greedy=True))[0]
+        assert batched[i].token_ids == alone.token_ids, "batched != one by one"
+        assert batched[i].token_ids == naive_greedy(model, p, n_new), "!= full-recompute loop"
+        with torch.no_grad():
+            hf = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              do_sample=False, max_new_tokens=n_new)
+        assert batched[i].token_ids == hf[0, len(p):].tolist(), "!= transformers generate"
+        assert batched[i].finish_reason == "length" and len(batched[i].logprobs) == n_new
+    # transformers on the left-padded batch agrees too
+    T = max(map(len, prompts))
+    ids = torch.tensor([[256] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        hf = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new)
+    assert [c.token_ids for c in batched] == hf[:, T:].tolist()
+
+
+def reference_logprobs(model, prompt, completion, vocab_size, temperature, top_k, top_p, greedy=False):
+    """Teacher-forced, float64, each row's truncated renormalised distribution built independently."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:-1, :vocab_size].double()
+    out, kept_sets = [], []
+    for row, tok in zip(logits, completion):
+        z = row if greedy else row / temperature
+        kept = list(range(vocab_size))
+        if not greedy:
+            order = sorted(range(vocab_size), key=lambda j: -z[j].item())
+            if top_k:
+                order = order[:top_k]
+            probs = torch.softmax(z[order], 0)
+            kept, mass = [], 0.0
+            for j, pj in zip(order, probs.tolist()):
+                if mass >= top_p:
+                    break
+                kept.append(j)
+                mass += pj
+        lse = torch.logsumexp(z[kept], 0)
+        out.append((z[tok] - lse).item())
+        kept_sets.append(set(kept))
+    return out, kept_sets
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,greedy", [
+    (1.0, 0, 1.0, False), (0.7, 0, 0.9, False), (0.7, 20, 1.0, False), (1.3, 30, 0.8, False), (1.0, 0, 1.0, True),
+])
+def test_logprobs_equal_teacher_forced_forward(qwen2, temperature, top_k, top_p, greedy):
+    vocab = 259  # the tokenizer's size: model rows 259..271 are padding, masked
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                            n=2, seed=5)
+    prompts = ragged_prompts(2, [7, 3, 15])
+    out = Generator(qwen2, vocab_size=vocab).generate(prompts, params)
+    for c in out:
+        want, kept = reference_logprobs(qwen2, prompts[c.prompt_index], c.token_ids, vocab, temperature, top_k,
+                                        top_p, greedy)
+        assert all(t in k for t, k in zip(c.token_ids, kept)), "sampled outside the truncated set"
+        assert max(abs(a - b) for a, b in zip(c.logprobs, want)) <= 1e-5
+
+
+def chi2_pvalue(stat: float, dof: int) -> float:
+    try:
+        from scipy.stats import chi2
+
+        return float(chi2.sf(stat, dof))
+    except ImportError:  # regularised upper incomplete gamma Q(dof/2, stat/2)
+        return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                       torch.tensor(stat / 2, dtype=torch.float64)).item()
+
+
+def chi2_test(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square p-value; cells expecting < 5 draws are pooled into one (dropped if it is still < 5)."""
+    n = counts.sum().item()
+    assert counts[probs == 0].sum() == 0, "sampled a token of probability 0"
+    big = probs * n >= 5
+    c, p = counts[big], probs[big]
+    rest_c, rest_p = counts[~big].sum(), probs[~big].sum()
+    if rest_p * n >= 5:
+        c, p = torch.cat([c, rest_c[None]]), torch.cat([p, rest_p[None]])
+    else:  # negligible mass: condition on landing in the big cells
+        n = c.sum().item()
+        p = p / p.sum()
+    expected = p * n
+    stat = ((c - expected) ** 2 / expected).sum().item()
+    return chi2_pvalue(stat, len(c) - 1)
+
+
+def truncated_probs(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    order = torch.argsort(z, descending=True).tolist()
+    if top_k:
+        order = order[:top_k]
+    p = torch.softmax(z[order], 0)
+    kept, mass = [], 0.0
+    for j, pj in zip(order, p.tolist()):
+        if mass >= top_p:
+            break
+        kept.append(j)
+        mass += pj
+    out = torch.zeros_like(z)
+    out[kept] = torch.softmax(z[kept], 0)
+    return out
+
+
+@pytest.mark.parametrize("vocab,temperature,top_k,top_p", [(16, 1.0, 0, 1.0), (16, 0.6, 5, 1.0), (12, 1.4, 0, 0.7)])
+def test_sampled_frequencies_match_the_distribution(tmp_path, vocab, temperature, top_k, top_p):
+    ckpt = make_tiny_checkpoint(tmp_path, "qwen2", vocab_size=16, num_hidden_layers=1, eos_token_id=0,
+                                pad_token_id=0, seed=3)
+    model = load_model(ckpt, dtype=torch.float32)
+    with torch.no_grad():  # sharpen the logits so the test has power (random init is nearly uniform)
+        model.model.norm.weight.mul_(2.0)
+    prompt, n = [3, 1, 4, 1, 5], 6000
+    out = Generator(model, vocab_size=vocab).generate(
+        [prompt], SamplingParams(max_new_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p, n=n, seed=7))
+    with torch.no_grad():
+        z = model(torch.tensor([prompt]))[0, -1, :vocab].double() / temperature
+    first = torch.tensor([c.token_ids[0] for c in out])
+    probs = truncated_probs(z, top_k, top_p)
+    assert chi2_test(torch.bincount(first, minlength=vocab).double(), probs) > 1e-3
+    # second step (a different noise counter), conditioned on the most frequent first token
+    t0 = torch.bincount(first).argmax().item()
+    second = torch.tensor([c.token_ids[1] for c in out if c.token_ids[0] == t0])
+    with torch.no_grad():
+        z2 = model(torch.tensor([prompt + [t0]]))[0, -1, :vocab].double() / temperature
+    probs2 = truncated_probs(z2, top_k, top_p)
+    assert chi2_test(torch.bincount(second, minlength=vocab).double(), probs2) > 1e-3
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(qwen2):
+    gen = Generator(qwen2, vocab_size=259)
+    prompts = ragged_prompts(3)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=123)
+    a = gen.generate(prompts, params)
+    b = gen.generate(prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.logprobs for c in a] == [c.logprobs for c in b]
+    assert len({tuple(c.token_ids) for c in a}) == len(a), "samples should differ"
+    other = gen.generate(prompts, SamplingParams(max_new_tokens=10, n=3, seed=124))
+    assert [c.token_ids for c in a] != [c.token_ids for c in other]
+    # prompt 0 with different company (and fewer rows) samples the same tokens
+    alone = gen.generate([prompts[0], prompts[3]], params)
+    assert [c.token_ids for c in alone[:3]] == [c.token_ids for c in a[:3]]
+    # with a seed of its own, a request samples the same tokens at any position, in any company
+    own = [SamplingParams(max_new_tokens=10, n=2, seed=1000 + i) for i in range(len(prompts))]
+    full = gen.generate(prompts, own)
+    part = gen.generate([prompts[3], prompts[1]], [own[3], own[1]])
+    assert [c.token_ids for c in part] == [c.token_ids for c in full[6:8] + full[2:4]]
+    # a KV budget of 3 slots: 15 rows queue and are admitted as slots free up; same tokens
+    small = Generator(qwen2, vocab_size=259, kv_budget_tokens=3 * 32)
+    c = small.generate(prompts, params)
+    assert small.last_stats["admissions"] > 1 and small.last_stats["slots"] == 3
+    assert [x.token_ids for x in c] == [x.token_ids for x in a]
+    assert max(abs(x - y) for p, q in zip(a, c) for x, y in zip(p.logprobs, q.logprobs)) <= 1e-5
+    # seed=None draws from torch's global RNG
+    torch.manual_seed(0)
+    d1 = gen.generate(prompts[:2], SamplingParams(max_new_tokens=6))
+    torch.manual_seed(0)
+    d2 = gen.generate(prompts[:2], SamplingParams(max_new_tokens=6))
+    assert [c.token_ids for c in d1] == [c.token_ids for c in d2]
+
+
+def test_stop_ids_per_request_and_lengths(qwen2):
+    gen = Generator(qwen2, vocab_size=272)
+    prompts = ragged_prompts(4, [6, 11])
+    free = gen.generate(prompts, SamplingParams(max_new_tokens=12, greedy=True))
+    stop = free[0].token_ids[3]
+    first = free[0].token_ids.index(stop)
+    out = gen.generate(prompts, [SamplingParams(max_new_tokens=12, greedy=True, stop_ids=frozenset({stop, 999})),
+                                 SamplingParams(max_new_tokens=12, greedy=True)])
+    assert out[0].token_ids == free[0].token_ids[:first + 1] and out[0].finish_reason == "stop"
+    assert out[0].logprobs == pytest.approx(free[0].logprobs[:first + 1], abs=1e-6)
+    assert out[1].token_ids == free[1].token_ids and out[1].finish_reason == "length"
+    # per-request max_new_tokens, including 0 and 1, in one call
+    lens = [0, 1, 5]
+    out = gen.generate(prompts[:1] * 3, [SamplingParams(max_new_tokens=m, greedy=True) for m in lens])
+    assert [len(c.token_ids) for c in out] == lens and all(c.finish_reason == "length" for c in out)
+    assert out[2].token_ids == free[0].token_ids[:5]
+    # a stop id sampled as the very first token
+    out = gen.generate(prompts[:1], SamplingParams(max_new_tokens=5, greedy=True,
+                                                   stop_ids=frozenset({free[0].token_ids[0]})))
+    assert out[0].token_ids == free[0].token_ids[:1] and out[0].finish_reason == "stop"
+
+
+def test_n_samples_share_a_prefill(qwen2):
+    gen = Generator(qwen2, vocab_size=259)
+    prompts = ragged_prompts(5, [8, 4])
+    out = gen.generate(prompts, [SamplingParams(max_new_tokens=6, n=4, seed=1), SamplingParams(max_new_tokens=6, n=2)])
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    assert all(isinstance(c, Completion) and len(c.token_ids) == 6 for c in out)
+    assert gen.last_stats["prefill_tokens"] == 12  # each prompt prefilled once
+    greedy = gen.generate(prompts[:1], SamplingParams(max_new_tokens=6, n=3, greedy=True))
+    assert greedy[0].token_ids == greedy[1].token_ids == greedy[2].token_ids
+
+
+def test_masked_ids_are_never_sampled(qwen2):
+    vocab = 7
+    out = Generator(qwen2, vocab_size=vocab).generate(
+        ragged_prompts(6, [5, 9]), SamplingParams(max_new_tokens=20, temperature=5.0, n=50, seed=2))
+    seen = {t for c in out for t in c.token_ids}
+    assert seen <= set(range(vocab)) and len(seen) == vocab  # hot: every allowed id shows up, nothing else
+    # greedy masks too: ask for the model's unmasked favourite to be out of range
+    free = Generator(qwen2, vocab_size=272).generate([[1, 2, 3]], SamplingParams(max_new_tokens=1, greedy=True))
+    top = free[0].token_ids[0]
+    masked = Generator(qwen2, vocab_size=top).generate([[1, 2, 3]], SamplingParams(max_new_tokens=1, greedy=True))
+    assert masked[0].token_ids[0] < top
+
+
+def test_clear_errors(qwen2):
+    gen = Generator(qwen2, vocab_size=259)
+    window = qwen2.config.max_position_embeddings
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate([[1, 2], []], SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="context window"):
+        gen.generate([[1] * (window + 1)], SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="outside"):
+        gen.generate([[1, 300]], SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="vocab_size"):
+        Generator(qwen2, vocab_size=1000)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="KV budget"):
+        Generator(qwen2, vocab_size=259, kv_budget_tokens=10).generate([[1, 2]], SamplingParams(max_new_tokens=20))
+    # a prompt filling the window gets nothing; one near it is cut at the window
+    out = gen.generate([[1] * window, [1] * (window - 3)], SamplingParams(max_new_tokens=10, greedy=True))
+    assert out[0].token_ids == [] and len(out[1].token_ids) == 3
+    assert all(c.finish_reason == "length" for c in out)
+
+
+def test_compaction_with_uneven_lengths_matches_rows_alone(qwen2):
+    """Rows finishing at different steps (stop ids, max_new) leave the batch; the rest are unaffected."""
+    gen = Generator(qwen2, vocab_size=259)
+    prompts = ragged_prompts(7, [4, 13, 2, 8, 20, 6])
+    params = [SamplingParams(max_new_tokens=m, temperature=0.9, seed=9 + i, stop_ids=frozenset(s))
+              for i, (m, s) in enumerate(zip([3, 15, 8, 1, 11, 15], [(), (5, 6, 7), (), (), (100, 101), ()]))]
+    together = gen.generate(prompts, params)
+    assert len({len(c.token_ids) for c in together}) > 2
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        alone = gen.generate([p], [sp])[0]
+        assert alone.token_ids == together[i].token_ids
+        assert math.isclose(sum(alone.logprobs), sum(together[i].logprobs), abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_gpu_schedule_on_cpu(tmp_path, monkeypatch, kernels):
+    """The GPU loop without a GPU: batches padded to graph buckets (inert rows), several steps between host syncs
+    (finished rows linger and must not write), the capture's warm-up + undo before each new bucket, a KV budget
+    that queues rows. "triton" also runs the fused sampler inside the step, as the CUDA graph does."""
+    model = load_model(make_tiny_checkpoint(tmp_path, "qwen2", seed=8), dtype=torch.float32)
+    prompts = ragged_prompts(8, [4, 13, 2, 8] if kernels == "torch" else [4, 9, 2])
+    n_new = 10 if kernels == "torch" else 5
+    greedy_free = Generator(model, vocab_size=259).generate(prompts, SamplingParams(max_new_tokens=n_new, greedy=True))
+    stops = frozenset({greedy_free[1].token_ids[2]})
+    params = [SamplingParams(max_new_tokens=n_new, greedy=True, stop_ids=stops),
+              SamplingParams(max_new_tokens=n_new - 2, temperature=1.0, n=3, seed=4, stop_ids=stops),
+              SamplingParams(max_new_tokens=1, temperature=0.8, seed=5)]
+    if kernels == "torch":
+        params.append(SamplingParams(max_new_tokens=n_new, temperature=0.7, top_k=20, top_p=0.9, n=2, seed=6))
+    want = Generator(model, vocab_size=259).generate(prompts, params)
+    budget = 5 * 32 if kernels == "torch" else 3 * 16  # 5 / 3 slots for 11 / 5 rows
+    gen = Generator(model, vocab_size=259, kernels=kernels, sync_every=3, kv_budget_tokens=budget)
+    gen._pad_batches = gen._rehearse = True
+    monkeypatch.setattr("memrl.generate._bucket", lambda n, cap: cap)  # the most padding: every step runs all slots
+    got = gen.generate(prompts, params)
+    assert gen.last_stats["admissions"] > 1 and gen.last_stats["padded_row_steps"] > 0
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    assert max(abs(x - y) for p, q in zip(got, want) for x, y in zip(p.logprobs, q.logprobs)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_torch_compile_equals_eager_on_cpu(qwen2):
+    """torch.compile traces through the attention custom ops (CPU inductor here; the GPU test runs it there)."""
+    prompts = ragged_prompts(9)
+    params = [SamplingParams(max_new_tokens=8, greedy=True), SamplingParams(max_new_tokens=8, n=2, seed=1),
+              SamplingParams(max_new_tokens=6, seed=3), SamplingParams(max_new_tokens=8, top_p=0.8, seed=2)]
+    gen = Generator(qwen2, vocab_size=259, compile=True)
+    got = gen.generate(prompts, params)
+    assert gen.compile, "compile fell back to eager"
+    want = Generator(qwen2, vocab_size=259).generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert max(abs(x - y) for p, q in zip(got, want) for x, y in zip(p.logprobs, q.logprobs)) <= 1e-5
+
+
+def test_graph_buckets():
+    from memrl.generate import _bucket
+
+    sizes = [_bucket(n, 10_000) for n in range(1, 1025)]
+    assert all(b >= n for n, b in zip(range(1, 1025), sizes)) and len(set(sizes)) <= 30
+    assert max(b / n for n, b in zip(range(1, 1025), sizes)) <= 2 and _bucket(300, 301) == 301 and _bucket(5, 6) == 6
