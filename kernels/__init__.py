@@ -24,10 +24,11 @@ _LAZY = {
     "linear_token_logprobs_torch": "kernels.linear_logprob",
     "linear_ppo_loss": "kernels.linear_ppo",
     "linear_ppo_loss_torch": "kernels.linear_ppo",
+    "linear_token_logprobs_scoring": "kernels.linear_ppo",
 }
 
 __all__ = ["token_logprobs", "token_logprobs_torch", "linear_token_logprobs", "linear_token_logprobs_torch",
-           "linear_ppo_loss", "linear_ppo_loss_torch", "ppo_loss", "ppo_loss_torch", "set_backend", "get_backend"]
+           "linear_ppo_loss", "linear_ppo_loss_torch", "linear_token_logprobs_scoring", "ppo_loss", "ppo_loss_torch", "set_backend", "get_backend"]
 
 
 def __getattr__(name: str):

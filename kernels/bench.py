@@ -46,10 +46,10 @@ GiB = 2**30
 LOSS_KW = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=1e-3, kl_type="k3")
 REF_ROWS = 64  # per end (first and last sequence)
 COPY_BYTES = {"cuda": GiB, "cpu": 64 * 2**20}
-PROVIDERS = ("eager", "compile", "liger", "ours", "ours_unfused")
+PROVIDERS = ("eager", "compile", "liger", "ours", "ours_unfused", "ours_scoring")
 LABEL = {"eager": "eager PyTorch", "compile": "torch.compile", "liger": "Liger-Kernel", "ours": "memrl (ours)",
-         "ours_unfused": "ours (A'+B unfused)"}
-ONLY_IN = {"ours_unfused": ("A'_fwd_bwd",)}  # providers that exist for some tables only
+         "ours_unfused": "ours (A'+B unfused)", "ours_scoring": "ours (chunked scoring)"}
+ONLY_IN = {"ours_unfused": ("A'_fwd_bwd",), "ours_scoring": ("A'_fwd",)}  # providers that exist for some tables only
 
 
 def for_table(providers, table: str) -> list[str]:
@@ -595,6 +595,9 @@ def bench_linear(run: Runner, plan: Plan, N: int, H: int, T: float, providers, l
         elif prov == "liger":
             run.skip(res, "— (LigerFusedLinearGRPOLoss computes its gradients inside the forward; see fwd+bwd)")
             continue
+        elif prov == "ours_scoring":  # cuBLAS GEMM per row chunk + kernel A: linear_ppo_loss's numerics
+            from kernels.linear_ppo import linear_token_logprobs_scoring
+            fn = (lambda: linear_token_logprobs_scoring(hidden, weight, targets, T)[0])
         else:
             linear_token_logprobs = import_ours("linear_token_logprobs")
             fn = (lambda: _no_grad(lambda: linear_token_logprobs(hidden, weight, targets, T)[0]))
@@ -706,7 +709,7 @@ def main(argv=None):
         ap.error("--device cpu needs --quick (the full shapes need a GPU)")
     plan = (QUICK if args.quick else FULL) if args.device == "cuda" else CPU_QUICK
     providers = tuple(args.providers.split(",")) if args.providers else \
-        (PROVIDERS if args.device == "cuda" else ("eager", "liger", "ours", "ours_unfused"))
+        (PROVIDERS if args.device == "cuda" else ("eager", "liger", "ours", "ours_unfused", "ours_scoring"))
     assert all(p in PROVIDERS for p in providers), providers
     tables = set(args.tables.split(","))
     if args.device == "cuda":

@@ -155,6 +155,21 @@ def _chunk_rows(valid_vocab: int, elem_bytes: int) -> int:
     return max(_ROW_ALIGN, rows // _ROW_ALIGN * _ROW_ALIGN)
 
 
+def _chunk_logits(hidden: torch.Tensor, r0: int, r1: int, w: torch.Tensor, buf: torch.Tensor,
+                  pad: torch.Tensor | None) -> torch.Tensor:
+    """GEMM 1 for rows [r0, r1) into buf[:r1-r0]. On the GPU the GEMM always has M = C rows (a short last chunk
+    is zero-padded) so that cuBLAS picks the same kernel for every chunk: a row's logits, and so its logp, are
+    then bitwise the same whatever N is and wherever the row sits (determinism across batch shapes)."""
+    c = r1 - r0
+    if pad is None or c == buf.shape[0]:
+        torch.mm(hidden[r0:r1], w.t(), out=buf[:c])
+    else:
+        pad[:c].copy_(hidden[r0:r1])
+        pad[c:].zero_()
+        torch.mm(pad, w.t(), out=buf)
+    return buf[:c]
+
+
 class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_logp,
@@ -184,6 +199,7 @@ class _LinearPPOLoss(torch.autograd.Function):
             C = min(_chunk_rows(VV, hidden.element_size()), N)
             buf = torch.empty(C, VV, device=dev, dtype=hidden.dtype)  # logits, then dlogits, of one chunk
             scratch = torch.empty(C, VV, **f32) if (round_on_host and need_grad) else None
+            pad = torch.empty(C, H, device=dev, dtype=hidden.dtype) if on_gpu and N > C else None
             g = torch.empty(N, **f32)
             one = torch.ones((), **f32)
             fwd_cfg = _A._launch_config(buf, _A._GPU_FWD)
@@ -191,9 +207,8 @@ class _LinearPPOLoss(torch.autograd.Function):
             for r0 in range(0, N, C):
                 r1 = min(r0 + C, N)
                 c = r1 - r0
-                x = buf[:c]
                 h_c = hidden[r0:r1]
-                torch.mm(h_c, w.t(), out=x)  # GEMM 1
+                x = _chunk_logits(hidden, r0, r1, w, buf, pad)  # GEMM 1
                 ent_c = ent[r0:r1] if with_entropy else logp[r0:r1]
                 _A._logprob_fwd_kernel[(c,)](x, targets[r0:r1], logp[r0:r1], ent_c, m_row[r0:r1], logs_row[r0:r1],
                                              x.stride(0), VV, inv_temp, WITH_ENTROPY=with_entropy, **fwd_cfg)
@@ -215,7 +230,7 @@ class _LinearPPOLoss(torch.autograd.Function):
                 if need_dw:
                     _dw_accumulate(dw32, x, h_c)  # GEMM 3
             # the view `x` keeps the chunk buffer alive too: drop both before dW is cast (peak memory)
-            del buf, scratch, x
+            del buf, scratch, x, pad
         loss = torch.empty((), **f32)
         metrics = torch.empty(4, **f32)
         if N > 0:
@@ -319,3 +334,34 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return linear_ppo_loss_torch(hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_logp,
                                  temperature, eps_low, eps_high, clip_c, kl_coef, kl_type, valid_vocab,
                                  with_entropy)
+
+
+@torch.no_grad()
+def linear_token_logprobs_scoring(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                  temperature: float = 1.0, with_entropy: bool = False,
+                                  valid_vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """No-grad scoring (old / reference log-probs) with exactly the numerics of linear_ppo_loss: the same row
+    chunks, the same bf16 logits from cuBLAS (GEMM 1), the same kernel-A forward. So with the same weights the
+    scoring pass and the training pass give bitwise-equal logp, and the on-policy ratio is exactly 1.
+    Costs one GEMM + one read of each chunk's logits; holds one [C, V] chunk (~0.6 GiB at V = 151,936 bf16)."""
+    N, H = hidden.shape
+    VV = weight.shape[0] if valid_vocab is None else int(valid_vocab)
+    if not use_triton(hidden, weight):
+        return _A.token_logprobs_torch(hidden @ weight.t(), targets, temperature, with_entropy, valid_vocab)
+    dev = hidden.device
+    logp = torch.empty(N, device=dev, dtype=torch.float32)
+    ent = torch.empty(N, device=dev, dtype=torch.float32) if with_entropy else None
+    if N == 0:
+        return logp, ent
+    C = min(_chunk_rows(VV, hidden.element_size()), N)
+    buf = torch.empty(C, VV, device=dev, dtype=hidden.dtype)
+    pad = torch.empty(C, H, device=dev, dtype=hidden.dtype) if hidden.is_cuda and N > C else None
+    w = weight[:VV]
+    for r0 in range(0, N, C):
+        r1 = min(r0 + C, N)
+        x = _chunk_logits(hidden, r0, r1, w, buf, pad)
+        lp, en = _A.token_logprobs_triton(x, targets[r0:r1], temperature, with_entropy, VV)
+        logp[r0:r1] = lp
+        if with_entropy:
+            ent[r0:r1] = en
+    return logp, ent

@@ -351,3 +351,41 @@ def test_gpu_memory_budget():
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - base) / 2**30
     assert extra <= 1.8, f"peak extra memory {extra:.2f} GiB > 1.8 GiB"
+
+
+# ---- the no-grad scoring path that shares linear_ppo_loss's numerics ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scoring_is_bitwise_the_training_logp_and_matches_fp64(dtype, monkeypatch):
+    from kernels.linear_ppo import linear_token_logprobs_scoring
+
+    monkeypatch.setattr(importlib.import_module("kernels.linear_ppo"), "_FORCE_CHUNK_ROWS", 8)  # several chunks and a short last one
+    g = torch.Generator().manual_seed(4242)
+    N, H, V, VV = 21, 32, 1003, 1000
+    hidden = (torch.randn(N, H, generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    targets = torch.randint(0, VV, (N,), generator=g)
+    adv, mask = torch.randn(N, generator=g), torch.ones(N, dtype=torch.bool)
+    _, _, logp_train, ent_train = linear_ppo_loss(hidden, weight, targets, adv, mask, mask.sum(), temperature=0.7,
+                                                  valid_vocab=VV, with_entropy=True)
+    logp, ent = linear_token_logprobs_scoring(hidden, weight, targets, 0.7, with_entropy=True, valid_vocab=VV)
+    assert torch.equal(logp, logp_train) and torch.equal(ent, ent_train)
+    # against float64 from the same (input-dtype) logits
+    z = (hidden @ weight.T)[:, :VV].double() / 0.7
+    want = z.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    assert torch.allclose(logp.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_scoring_same_rows_bitwise_for_any_n():
+    """Zero-padded full-chunk GEMMs: a row's logp does not depend on N or on where the row sits."""
+    from kernels.linear_ppo import linear_token_logprobs_scoring
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    N, H, V = 5000, 1536, 151_936
+    hidden = torch.randn(N, H, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = torch.randn(V, H, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
+    full, _ = linear_token_logprobs_scoring(hidden, weight, targets)
+    part, _ = linear_token_logprobs_scoring(hidden[37:4100], weight, targets[37:4100])
+    assert torch.equal(full[37:4100], part)
