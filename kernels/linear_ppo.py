@@ -204,6 +204,7 @@ class _LinearPPOLoss(torch.autograd.Function):
             one = torch.ones((), **f32)
             fwd_cfg = _A._launch_config(buf, _A._GPU_FWD)
             bwd_cfg = _A._launch_config(buf, _A._GPU_BWD)
+            out = None
             for r0 in range(0, N, C):
                 r1 = min(r0 + C, N)
                 c = r1 - r0
@@ -230,7 +231,7 @@ class _LinearPPOLoss(torch.autograd.Function):
                 if need_dw:
                     _dw_accumulate(dw32, x, h_c)  # GEMM 3
             # the view `x` keeps the chunk buffer alive too: drop both before dW is cast (peak memory)
-            del buf, scratch, x, pad
+            del buf, scratch, x, out, pad  # `x` and `out` are views that would keep the buffer alive
         loss = torch.empty((), **f32)
         metrics = torch.empty(4, **f32)
         if N > 0:
