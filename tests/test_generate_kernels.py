@@ -75,7 +75,9 @@ def test_fused_sampler_equals_reference(dtype):
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_generator_triton_path_equals_torch_path(tmp_path, family):
     """The GPU code path (Triton decode attention + fused sampler), run by the interpreter on a tiny model."""
-    model = load_model(make_tiny_checkpoint(tmp_path, family, seed=4), dtype=torch.float32)
+    # on a GPU machine the same check runs on CUDA (the interpreter is only set up where there is no GPU)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(make_tiny_checkpoint(tmp_path, family, seed=4), dtype=torch.float32, device=device)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [40, 41, 42, 43]]
     params = [SamplingParams(max_new_tokens=4, greedy=True), SamplingParams(max_new_tokens=4, n=2, seed=3),
               SamplingParams(max_new_tokens=3, temperature=0.8, top_p=0.9, seed=4)]
