@@ -1,0 +1,221 @@
+"""Rollouts: a batch of episodes x G samples under one condition -> turn records + final answers (DESIGN §3.2, §4).
+
+    memory        turn t: (question, m_{t-1}, shard t) -> m_t        final: (question, m_T) -> answer
+    full_history  turn t: (question, shards 1..t-1, shard t) -> a note that is NOT carried forward
+                  final: (question, shards 1..T) -> answer
+    single_turn   one turn: (question, the whole problem) -> answer
+
+Invariants:
+- Turn by turn, every live trajectory's prompt goes to the Generator in ONE generate() call (episodes with fewer
+  shards take their final turn in the same call as the others' memory turns). Trajectories of one problem whose
+  prompts are identical (all G at the first memory turn, all G at every full-history turn) are one request with n
+  samples: one prefill, the KV cache forked.
+- The memory is what the model wrote: the response decoded without its stop token, surrounding whitespace stripped.
+  A memory turn may generate at most `memory_cap_tokens` tokens (the cap IS the generation limit, paper A.1); a
+  memory cut by the cap is reused as is. m_0 is Templates.initial_memory ("No previous memory.").
+- Every generated turn is one TurnRecord (memrl.algo): prompt ids, response ids (stop token included), the sampler's
+  fp32 log-probs, dense trajectory id, group id (= the problem's index in this batch), turn index, kind.
+- Seeds (STYLE 10): a request's seed is a hash of (run seed, step, episode id, turn, first sample index); the
+  generator gives each of its n samples its own stream from that seed. A trajectory's tokens therefore depend only
+  on the seed, the step, its problem, its sample index and the policy, never on the rest of the batch or on
+  wall-clock state.
+- Noise shards: episodes from data_tools already hold their noise shards (metadata.noise_positions), and a rollout
+  plays every shard in order. `with_noise` (evaluation) inserts n WikiText passages after every problem shard with
+  data_tools.noise.make_variant(..., "noisy"), the same placement the offline tool writes.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from memrl.algo import TurnRecord
+from memrl.episodes import Episode
+from memrl.generate import Generator, SamplingParams
+from memrl.templates import PROBLEM_SEPARATOR, Templates
+from memrl.tokenizer import Tokenizer
+
+CONDITIONS = ("single_turn", "full_history", "memory")  # the order of the tables: whole problem -> sharded
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (ints, strings): stable across processes and Python versions (no hash())."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass
+class Sampling:
+    """How a rollout samples: the policy itself for training (temperature 1, no truncation), greedy for evaluation."""
+
+    memory_cap_tokens: int = 256  # max_new_tokens of a memory turn (paper A.1)
+    response_max_tokens: int = 512  # max_new_tokens of the final turn
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    @classmethod
+    def from_config(cls, rollout_cfg, greedy: bool = False) -> "Sampling":
+        return cls(memory_cap_tokens=rollout_cfg.memory_cap_tokens,
+                   response_max_tokens=rollout_cfg.response_max_tokens, temperature=rollout_cfg.temperature,
+                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy)
+
+
+@dataclass
+class Trajectory:
+    trajectory_id: int  # dense 0..n-1 in this result: indexes rewards and advantages
+    group_id: int  # the problem's index in the batch; the G samples of a problem share it
+    sample_index: int  # 0..G-1
+    episode: Episode
+    memories: list[str] = field(default_factory=list)  # m_1..m_T (memory condition; notes for full-history)
+    final_text: str = ""  # the final turn's response, decoded (what the reward reads)
+    final_finish_reason: str = "stop"
+
+
+@dataclass
+class RolloutResult:
+    trajectories: list[Trajectory]
+    records: list[TurnRecord]  # turn-major: every trajectory's turn 0, then turn 1, ...
+    generate_stats: list[dict] = field(default_factory=list)  # Generator.last_stats of each generate() call
+
+    def select(self, keep: Sequence[bool]) -> "RolloutResult":
+        """Only the trajectories with keep[i] (e.g. dynamic sampling), ids renumbered densely in order."""
+        assert len(keep) == len(self.trajectories)
+        return concat([self], keep=[list(map(bool, keep))])
+
+
+def concat(results: Sequence[RolloutResult], keep: Sequence[Sequence[bool]] | None = None) -> RolloutResult:
+    """Several rollouts as one batch: trajectory ids and group ids renumbered densely (groups stay groups)."""
+    trajs, records, stats = [], [], []
+    for r_i, res in enumerate(results):
+        kept = [t for i, t in enumerate(res.trajectories) if keep is None or keep[r_i][i]]
+        traj_map = {t.trajectory_id: len(trajs) + k for k, t in enumerate(kept)}
+        group_base = 1 + max((t.group_id for t in trajs), default=-1)
+        group_map = {g: group_base + k for k, g in enumerate(dict.fromkeys(t.group_id for t in kept))}
+        for t in kept:
+            trajs.append(Trajectory(traj_map[t.trajectory_id], group_map[t.group_id], t.sample_index, t.episode,
+                                    t.memories, t.final_text, t.final_finish_reason))
+        for rec in res.records:
+            if rec.trajectory_id in traj_map:
+                records.append(TurnRecord(rec.prompt_ids, rec.response_ids, rec.logprobs,
+                                          traj_map[rec.trajectory_id], group_map[rec.group_id], rec.turn_index,
+                                          rec.kind, rec.finish_reason))
+        stats += res.generate_stats
+    records.sort(key=lambda r: r.turn_index)  # stable: turn-major, trajectory order within a turn
+    return RolloutResult(trajs, records, stats)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def problem_text(ep: Episode) -> str:
+    """The whole problem for the single-turn condition: data_tools' metadata.problem when present (the original
+    text), else the problem shards (noise shards left out) joined back together."""
+    if ep.metadata.get("problem"):
+        return ep.metadata["problem"]
+    noise = set(ep.noise_positions)
+    return PROBLEM_SEPARATOR.join(s for i, s in enumerate(ep.shards) if i not in noise)
+
+
+def with_noise(episodes: Sequence[Episode], passages, n_noise: int, seed: int = 0) -> list[Episode]:
+    """Noisy evaluation (paper §3.1): n WikiText passages after every problem shard (data_tools.noise "noisy").
+    passages: data_tools.noise.load_passages(path)."""
+    if n_noise == 0:
+        return list(episodes)
+    from data_tools.noise import make_variant
+
+    out = []
+    for ep in episodes:
+        d = make_variant(ep.to_json(), "noisy", passages, seed=seed, n_noise=n_noise)
+        out.append(Episode(ep.id, d["question"], d["shards"], d["answer"], d["metadata"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the rollout
+
+def rollout(
+    generator: Generator,
+    tokenizer: Tokenizer,
+    episodes: Sequence[Episode],
+    condition: str,
+    group_size: int,
+    templates: Templates,
+    sampling: Sampling,
+    seed: int = 0,
+    step: int = 0,
+    full_history_notes: bool = True,
+) -> RolloutResult:
+    """len(episodes) x group_size trajectories under `condition`.
+
+    full_history_notes: generate the intermediate full-history turns (their notes are not carried forward, so they
+    do not change the answer: evaluation may skip them; training a full-history policy keeps them, as the paper's
+    baseline answers every turn).
+    """
+    assert condition in CONDITIONS, f"condition must be one of {CONDITIONS}, got {condition!r}"
+    assert group_size >= 1 and len(episodes) >= 1
+    trajs = [Trajectory(g * group_size + s, g, s, ep) for g, ep in enumerate(episodes) for s in range(group_size)]
+    memory = [templates.initial_memory] * len(trajs)
+    records: list[TurnRecord] = []
+    stats: list[dict] = []
+    stop_ids = frozenset(tokenizer.stop_ids)
+
+    def params(kind: str, n: int, request_seed: int) -> SamplingParams:
+        budget = sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
+        return SamplingParams(max_new_tokens=budget, temperature=sampling.temperature, top_p=sampling.top_p,
+                              top_k=sampling.top_k, greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
+
+    n_turns = 1 if condition == "single_turn" else 1 + max(len(ep.shards) for ep in episodes)
+    for turn in range(n_turns):
+        # (trajectory, kind, prompt text) for every trajectory alive at this turn
+        work: list[tuple[Trajectory, str, str]] = []
+        for tr in trajs:
+            ep, k = tr.episode, len(tr.episode.shards)
+            if condition == "single_turn":
+                work.append((tr, "final", templates.single_turn_prompt(ep.question, problem_text(ep))))
+            elif turn < k and condition == "memory":
+                work.append((tr, "memory", templates.memory_turn(ep.question, memory[tr.trajectory_id],
+                                                                 ep.shards[turn])))
+            elif turn < k and full_history_notes:  # full_history
+                work.append((tr, "memory", templates.memory_turn(ep.question, templates.history(ep.shards[:turn]),
+                                                                 ep.shards[turn])))
+            elif turn == k:
+                held = memory[tr.trajectory_id] if condition == "memory" else templates.history(ep.shards)
+                work.append((tr, "final", templates.final_turn(ep.question, held)))
+        if not work:
+            continue
+        # one request per distinct prompt within a problem: n = how many of its samples share it
+        requests: dict[tuple[int, str], list[tuple[Trajectory, str]]] = {}
+        for tr, kind, text in work:
+            requests.setdefault((tr.group_id, text), []).append((tr, kind))
+        prompts, plist, members = [], [], []
+        for (group_id, text), trs in requests.items():
+            first = trs[0][0]
+            prompts.append(tokenizer.encode_prompt(text))
+            plist.append(params(trs[0][1], len(trs), derive_seed(seed, step, first.episode.id, turn,
+                                                                 first.sample_index)))
+            members.append(trs)
+        completions = generator.generate(prompts, plist)
+        stats.append(dict(generator.last_stats))
+        for c in completions:  # ordered by (prompt_index, sample_index)
+            tr, kind = members[c.prompt_index][c.sample_index]
+            text = decode_response(tokenizer, c.token_ids)
+            records.append(TurnRecord(prompt_ids=prompts[c.prompt_index], response_ids=list(c.token_ids),
+                                      logprobs=[float(x) for x in c.logprobs], trajectory_id=tr.trajectory_id,
+                                      group_id=tr.group_id, turn_index=turn, kind=kind,
+                                      finish_reason=c.finish_reason))
+            if kind == "memory":
+                tr.memories.append(text)
+                if condition == "memory":
+                    memory[tr.trajectory_id] = text
+            else:
+                tr.final_text, tr.final_finish_reason = text, c.finish_reason
+    records.sort(key=lambda r: (r.turn_index, r.trajectory_id))
+    return RolloutResult(trajs, records, stats)
+
+
+def decode_response(tokenizer: Tokenizer, token_ids: Sequence[int]) -> str:
+    """A response as text: the stop token dropped, surrounding whitespace stripped (a cut one is kept as is)."""
+    ids = list(token_ids)
+    if ids and ids[-1] in tokenizer.stop_ids:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,0 +1,78 @@
+"""Turn prompts as data (DESIGN §4): the paper's Figure 4 templates, and how a turn's text is filled in.
+
+    memory turn   <question> {question} </question>\\n<memory> {memory} </memory>\\n<segment> {segment} </segment>\\n
+                  Updated memory:
+    final turn    <question> {question} </question>\\n<memory> {memory} </memory>\\nYour final answer:
+    single turn   <question> {question} </question>\\n<problem> {problem} </problem>\\nYour final answer:
+
+The templates are plain strings (config fields, overridable with --rollout.memory_template=...). The filled text is
+one user message: memrl.tokenizer.Tokenizer.encode_prompt wraps it in the model's chat template (instruct models) or
+uses it raw (base models).
+
+Invariants:
+- Filling is one regex pass over the TEMPLATE only: a question that itself contains "{memory}" or LaTeX braces
+  ("\\frac{1}{2}") is inserted verbatim and never re-substituted (str.format / chained str.replace would break).
+- Full-history turns reuse the memory/final templates with {memory} := the shards seen so far, one per line, so
+  the memory and full-history conditions differ only in what fills that slot.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# The paper's Figure 4 (appendix A.3), with ASCII angle brackets. memrl.config holds the same strings as the
+# defaults of rollout.memory_template / final_template / single_turn_template (tests/test_rollout.py checks it).
+MEMORY_TEMPLATE = (
+    "<question> {question} </question>\n<memory> {memory} </memory>\n<segment> {segment} </segment>\nUpdated memory:"
+)
+FINAL_TEMPLATE = "<question> {question} </question>\n<memory> {memory} </memory>\nYour final answer:"
+SINGLE_TURN_TEMPLATE = "<question> {question} </question>\n<problem> {problem} </problem>\nYour final answer:"
+INITIAL_MEMORY = "No previous memory."  # m_0: the fixed memory shown at the first turn
+HISTORY_SEPARATOR = "\n"  # full-history: the shards seen so far, one per line, in the {memory} slot
+PROBLEM_SEPARATOR = " "  # single-turn without metadata.problem: the shards joined back into one text
+
+_PLACEHOLDER = re.compile(r"\{(question|memory|segment|problem)\}")
+
+
+def fill(template: str, **values: str) -> str:
+    """Substitute {question} / {memory} / {segment} / {problem} in one pass; every placeholder used must be given."""
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key not in values:
+            raise KeyError(f"template needs {{{key}}} but no value was given: {template!r}")
+        return values[key]
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+@dataclass(frozen=True)
+class Templates:
+    memory: str = MEMORY_TEMPLATE
+    final: str = FINAL_TEMPLATE
+    single_turn: str = SINGLE_TURN_TEMPLATE
+    initial_memory: str = INITIAL_MEMORY
+
+    def __post_init__(self):
+        for name, keys in (("memory", ("question", "memory", "segment")), ("final", ("question", "memory")),
+                           ("single_turn", ("question", "problem"))):
+            missing = [k for k in keys if "{" + k + "}" not in getattr(self, name)]
+            assert not missing, f"{name} template lacks the placeholder(s) {missing}: {getattr(self, name)!r}"
+
+    @classmethod
+    def from_config(cls, rollout_cfg) -> "Templates":
+        """From memrl.config.RolloutCfg (memory_template, final_template, single_turn_template, initial_memory)."""
+        return cls(memory=rollout_cfg.memory_template, final=rollout_cfg.final_template,
+                   single_turn=rollout_cfg.single_turn_template, initial_memory=rollout_cfg.initial_memory)
+
+    def memory_turn(self, question: str, memory: str, segment: str) -> str:
+        return fill(self.memory, question=question, memory=memory, segment=segment)
+
+    def final_turn(self, question: str, memory: str) -> str:
+        return fill(self.final, question=question, memory=memory)
+
+    def single_turn_prompt(self, question: str, problem: str) -> str:
+        return fill(self.single_turn, question=question, problem=problem)
+
+    def history(self, shards: list[str]) -> str:
+        """What fills {memory} in a full-history turn: the shards so far, or m_0 before the first one."""
+        return HISTORY_SEPARATOR.join(shards) if shards else self.initial_memory
