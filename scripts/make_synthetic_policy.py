@@ -1,7 +1,7 @@
 """Make the built-in starting policy: a tiny Qwen2-shaped model, supervised-pretrained on the coin-tally task.
 
     python scripts/make_synthetic_policy.py                     # writes assets/synthetic-policy/ (~2.5 MB, ~15 min)
-    python scripts/make_synthetic_policy.py --out=/tmp/p --steps=200
+    python scripts/make_synthetic_policy.py --out=some/dir --steps=200
 
 What it does (memrl/synthetic.py explains the task and why the demonstrations mix two habits):
   1. the repo's byte tokenizer (256 bytes + ChatML specials), with its chat template;
