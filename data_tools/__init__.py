@@ -1,6 +1,6 @@
 """data_tools: standalone tools that write the episode files train.py and evaluate.py read.
 
-    schema.py       the episode JSONL schema (the contract with memrl/episodes.py) + validation
+    schema.py       the episode JSONL schema as written; validation is memrl/episodes.py's rules
     runner.py       resumable, crash-safe batch driver: .partial files, failure sidecar, summary
     datasets.py     GSM8K / MATH500 readers -> unsharded Problem records
     sentences.py    sentence splitting that keeps numbers, abbreviations and LaTeX intact

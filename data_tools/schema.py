@@ -1,4 +1,4 @@
-"""The episode JSONL schema shared by data_tools (writer) and memrl/evaluate.py (readers).
+"""The episode JSONL schema as data_tools writes it (memrl/episodes.py reads and validates it).
 
 One JSON object per line, UTF-8, no blank lines:
 
@@ -35,9 +35,9 @@ Metadata keys written by data_tools (readers must ignore keys they do not know):
 Failures never enter an episode file: they go to the sidecar FILE.failures.jsonl (see runner.py) as
 {"id", "reason", "detail", ...}.
 
-`validate_episode` defines "a valid line" for data_tools; it raises DataError naming the file, the
-line and the field. memrl/episodes.py (the trainer's reader) checks the same rules, and
-tests/test_data_tools_docs.py loads data_tools output through it to keep the two in step.
+"A valid line" is defined once, by memrl.episodes.validate_record (the trainer's reader; memrl/episodes.py
+imports nothing heavy). `validate_episode` here is its writer-side use: it raises DataError naming the
+file, the line and the field of the first problem.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-
-REWARD_KINDS = ("gsm8k", "math", "qa")  # memrl.reward's scorers
+from memrl.episodes import REWARD_KINDS, validate_record  # noqa: F401  (REWARD_KINDS re-exported)
 
 
 class DataError(ValueError):
@@ -59,43 +58,13 @@ def where(path: str | Path, line_no: int | None) -> str:
 
 
 def validate_episode(obj: object, path: str | Path = "<episode>", line_no: int | None = None) -> dict:
-    """Return obj if it is a valid episode, else raise DataError naming path:line and the field."""
-    at = where(path, line_no)
-    if not isinstance(obj, dict):
-        raise DataError(f"{at}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("id", "question", "answer"):
-        if key not in obj:
-            raise DataError(f"{at}: field '{key}': missing")
-        if not isinstance(obj[key], str):
-            raise DataError(f"{at}: field '{key}': expected a string, got {type(obj[key]).__name__}")
-    for key in ("id", "question", "answer"):
-        if not obj[key].strip():
-            raise DataError(f"{at}: field '{key}': empty")
-    unknown = sorted(set(obj) - {"id", "question", "shards", "answer", "metadata"})
-    if unknown:
-        raise DataError(f"{at}: field '{unknown[0]}': unknown top-level field (put extra data under 'metadata')")
-    shards = obj.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise DataError(f"{at}: field 'shards': expected a non-empty list of strings")
-    for i, shard in enumerate(shards):
-        if not isinstance(shard, str) or not shard.strip():
-            raise DataError(f"{at}: field 'shards[{i}]': expected a non-empty string")
-    metadata = obj.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise DataError(f"{at}: field 'metadata': expected an object")
-    positions = metadata.get("noise_positions", [])
-    if not isinstance(positions, list) or not all(
-        type(p) is int and 0 <= p < len(shards) for p in positions
-    ) or len(set(positions)) != len(positions):
-        raise DataError(f"{at}: field 'metadata.noise_positions': expected distinct shard indices")
-    answers = metadata.get("answers", ["x"])
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise DataError(f"{at}: field 'metadata.answers': expected a non-empty list of non-empty strings")
-    for key in ("problem", "reward_kind"):
-        if key in metadata and not (isinstance(metadata[key], str) and metadata[key].strip()):
-            raise DataError(f"{at}: field 'metadata.{key}': expected a non-empty string")
-    if metadata.get("reward_kind", "math") not in REWARD_KINDS:
-        raise DataError(f"{at}: field 'metadata.reward_kind': expected one of {REWARD_KINDS}")
+    """Return obj if it is a valid episode, else raise DataError naming path:line and the field.
+
+    The rules are memrl.episodes.validate_record's (the trainer's reader): one definition of a valid line."""
+    problems = validate_record(obj)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"{where(path, line_no)}: {problems[0]}{more}")
     return obj
 
 

@@ -1,6 +1,7 @@
 """Episode data: one sharded problem per JSONL line, loaded and validated with file:line error reports.
 
-The schema is data_tools/schema.py's (data_tools writes these files; this is the trainer's reader):
+This file is the one definition of a valid line (`validate_record`): data_tools (the writer) validates through it too,
+and data_tools/schema.py documents every metadata key it writes. The schema:
 
     {"id": "gsm8k-train-17",                      # str, unique within the file
      "question": "How much does she pay?",        # str: the core question, shown at every turn
@@ -16,8 +17,8 @@ Metadata keys read here (others are carried through untouched; see data_tools/sc
 
 Invariants of a loaded Episode: every field present, of the right type and non-empty; at most `max_shards` shards and
 every shard at most `max_shard_tokens` tokens (when those limits are given); noise_positions distinct and in range;
-ids unique. Loading reports every problem it finds (up to `max_errors`) as `path:line: what is wrong`, then raises
-once, so a bad file is fixed in one pass instead of deep inside a training step.
+ids unique. Loading reports every problem it finds (up to `max_errors`) as `path:line: field 'name': what is wrong`,
+then raises once, so a bad file is fixed in one pass instead of deep inside a training step.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ class EpisodeFormatError(ValueError):
         super().__init__(f"{total} problem(s) in episode data:\n" + "\n".join(problems) + more)
 
 
+REWARD_KINDS = ("math", "gsm8k", "qa")  # memrl.reward.KINDS, repeated: data_tools must not import math-verify
+
+
 def _is_nonempty_str(x) -> bool:
     return isinstance(x, str) and x.strip() != ""
 
@@ -83,46 +87,45 @@ def validate_record(
     max_shard_tokens: int | None = None,
     count_tokens: Callable[[str], int] | None = None,
 ) -> list[str]:
-    """Every problem with one decoded JSON record, as messages (empty list = valid)."""
+    """Every problem with one decoded JSON record as "field 'name': what is wrong" (empty list = valid).
+
+    The one definition of a valid episode: memrl's loader reports all of a line's problems, data_tools'
+    writer (data_tools/schema.py validate_episode) raises on the first; both prefix `path:line: `.
+    """
     if not isinstance(obj, dict):
         return [f"expected a JSON object, got {type(obj).__name__}"]
-    problems = []
-    for key in REQUIRED:
-        if key not in obj:
-            problems.append(f"missing field {key!r}")
-    unknown = sorted(set(obj) - set(FIELDS))
-    if unknown:
-        problems.append(f"unknown field(s) {unknown} (allowed: {list(FIELDS)}; put extra data under 'metadata')")
-
+    problems = [f"field {key!r}: missing" for key in REQUIRED if key not in obj]
+    problems += [f"field {key!r}: unknown top-level field (allowed: {list(FIELDS)}; put extra data under 'metadata')"
+                 for key in sorted(set(obj) - set(FIELDS))]
     for key in ("id", "question", "answer"):
         if key in obj and not isinstance(obj[key], str):
-            problems.append(f"'{key}' must be a string, got {type(obj[key]).__name__}")
+            problems.append(f"field {key!r}: expected a string, got {type(obj[key]).__name__}")
         elif key in obj and not obj[key].strip():
-            problems.append(f"'{key}' is empty")
+            problems.append(f"field {key!r}: empty")
 
     shards = obj.get("shards")
     if "shards" in obj:
         if not isinstance(shards, list):
-            problems.append(f"'shards' must be a list of strings, got {type(shards).__name__}")
+            problems.append(f"field 'shards': expected a list of strings, got {type(shards).__name__}")
             shards = None
         elif not shards:
-            problems.append("'shards' is empty")
+            problems.append("field 'shards': empty list")
         else:
             for i, s in enumerate(shards):
                 if not isinstance(s, str):
-                    problems.append(f"shard {i} must be a string, got {type(s).__name__}")
+                    problems.append(f"field 'shards[{i}]': expected a string, got {type(s).__name__}")
                 elif not s.strip():
-                    problems.append(f"shard {i} is empty")
+                    problems.append(f"field 'shards[{i}]': empty")
                 elif max_shard_tokens is not None:
                     n = count_tokens(s)
                     if n > max_shard_tokens:
-                        problems.append(f"shard {i} has {n} tokens > max_shard_tokens={max_shard_tokens}")
+                        problems.append(f"field 'shards[{i}]': {n} tokens > max_shard_tokens={max_shard_tokens}")
             if max_shards is not None and len(shards) > max_shards:
-                problems.append(f"{len(shards)} shards > max_shards={max_shards}")
+                problems.append(f"field 'shards': {len(shards)} shards > max_shards={max_shards}")
 
     meta = obj.get("metadata", {})
     if not isinstance(meta, dict):
-        problems.append(f"'metadata' must be an object, got {type(meta).__name__}")
+        problems.append(f"field 'metadata': expected an object, got {type(meta).__name__}")
     else:
         problems += _validate_metadata(meta, shards)
     return problems
@@ -132,20 +135,20 @@ def _validate_metadata(meta: dict, shards) -> list[str]:
     problems = []
     if "answers" in meta and (not isinstance(meta["answers"], list) or not meta["answers"]
                               or not all(_is_nonempty_str(a) for a in meta["answers"])):
-        problems.append("metadata.answers must be a non-empty list of non-empty strings")
+        problems.append("field 'metadata.answers': expected a non-empty list of non-empty strings")
     for key in ("problem", "reward_kind"):
         if key in meta and not _is_nonempty_str(meta[key]):
-            problems.append(f"metadata.{key} must be a non-empty string")
-    if meta.get("reward_kind", "math") not in ("math", "gsm8k", "qa"):
-        problems.append(f"metadata.reward_kind must be math, gsm8k or qa, got {meta['reward_kind']!r}")
+            problems.append(f"field 'metadata.{key}': expected a non-empty string")
+    if _is_nonempty_str(meta.get("reward_kind")) and meta["reward_kind"] not in REWARD_KINDS:
+        problems.append(f"field 'metadata.reward_kind': expected one of {REWARD_KINDS}, got {meta['reward_kind']!r}")
     if "noise_positions" in meta:
         pos = meta["noise_positions"]
         if not isinstance(pos, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pos):
-            problems.append("metadata.noise_positions must be a list of integers")
+            problems.append("field 'metadata.noise_positions': expected a list of integers")
         elif len(set(pos)) != len(pos):
-            problems.append(f"metadata.noise_positions has duplicates: {pos}")
+            problems.append(f"field 'metadata.noise_positions': duplicates in {pos}")
         elif isinstance(shards, list) and any(not 0 <= p < len(shards) for p in pos):
-            problems.append(f"metadata.noise_positions {pos} out of range for {len(shards)} shards")
+            problems.append(f"field 'metadata.noise_positions': {pos} out of range for {len(shards)} shards")
     return problems
 
 
@@ -195,7 +198,7 @@ def load_episodes(
                 continue
             ep_id = obj["id"]
             if ep_id in first_line_of:
-                report(lineno, f"duplicate id {ep_id!r} (first on line {first_line_of[ep_id]})")
+                report(lineno, f"field 'id': duplicate {ep_id!r} (first on line {first_line_of[ep_id]})")
                 continue
             first_line_of[ep_id] = lineno
             episodes.append(Episode(ep_id, obj["question"], list(obj["shards"]), obj["answer"],

@@ -57,11 +57,13 @@ def test_every_problem_reported_by_file_and_line(tmp_path):
         load_episodes(path, max_shards=3, max_shard_tokens=30, count_tokens=len)
     msg = str(exc.value)
     expected = {
-        2: "malformed JSON", 3: "missing field 'answer'", 4: "'question' is empty", 5: "'shards' must be a list",
-        6: "'shards' is empty", 7: "shard 1 is empty", 8: "'answer' must be a string", 9: "4 shards > max_shards=3",
-        10: "shard 0 has 50 tokens > max_shard_tokens=30", 11: "duplicate id 'ep-0' (first on line 1)",
-        12: "metadata.noise_positions [0, 5] out of range", 13: "'metadata' must be an object",
-        14: "unknown field(s) ['shard']", 15: "expected a JSON object"}
+        2: "malformed JSON", 3: "field 'answer': missing", 4: "field 'question': empty",
+        5: "field 'shards': expected a list of strings, got str", 6: "field 'shards': empty list",
+        7: "field 'shards[1]': empty", 8: "field 'answer': expected a string, got int",
+        9: "field 'shards': 4 shards > max_shards=3", 10: "field 'shards[0]': 50 tokens > max_shard_tokens=30",
+        11: "field 'id': duplicate 'ep-0' (first on line 1)",
+        12: "field 'metadata.noise_positions': [0, 5] out of range", 13: "field 'metadata': expected an object",
+        14: "field 'shard': unknown top-level field", 15: "expected a JSON object"}
     for line, what in expected.items():
         assert f"{path}:{line}: {what}" in msg, (line, what, msg)
     assert f"{path}:1:" not in msg
@@ -85,8 +87,8 @@ def test_limits_need_a_token_counter_and_files_must_exist(tmp_path):
 
 
 def test_metadata_keys_checked():
-    assert validate_record(_ep(metadata={"answers": []})) == ["metadata.answers must be a non-empty list of non-empty "
-                                                               "strings"]
+    assert validate_record(_ep(metadata={"answers": []})) == ["field 'metadata.answers': expected a non-empty list "
+                                                               "of non-empty strings"]
     assert "duplicates" in validate_record(_ep(metadata={"noise_positions": [1, 1]}))[0]
     assert validate_record(_ep(metadata={"reward_kind": "code"}))
     assert validate_record(_ep(metadata={"noise_positions": [1], "whatever": {"x": 1}})) == []  # unknown: kept
@@ -97,3 +99,19 @@ def test_data_tools_writer_is_accepted(tmp_path):
     ep = _ep(0, metadata={"noise_positions": [1], "variant": "mixed", "problem": "Ann has 3 pens. How much?"})
     schema.validate_episode(ep)  # the writer's own check
     assert load_episodes(_write(tmp_path / "dt.jsonl", [ep]))[0].metadata["variant"] == "mixed"
+
+
+def test_one_schema_for_writer_and_reader():
+    """data_tools' writer check is this module's rules: same verdicts, same field named, path:line prefixed."""
+    from memrl import reward
+
+    schema = pytest.importorskip("data_tools.schema")
+    assert set(schema.REWARD_KINDS) == set(reward.KINDS)
+    bad = [_ep(shards=["ok", ""]), _ep(answer=5), _ep(metadata={"reward_kind": "code"}), {"id": "x"},
+           _ep(metadata={"noise_positions": [True]}), _ep(extra=1)]
+    for obj in bad:
+        (first, *_) = validate_record(obj)
+        with pytest.raises(schema.DataError) as exc:
+            schema.validate_episode(obj, "f.jsonl", 7)
+        assert str(exc.value).startswith(f"f.jsonl:7: {first}")
+    assert schema.validate_episode(_ep()) == _ep()

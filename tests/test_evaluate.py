@@ -66,7 +66,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     assert "| checkpoint | single_turn | full_history | memory | LiC drop (full_history) | LiC drop (memory) |" \
         in proc.stdout
     res = json.loads(out.read_text())
-    (r,) = res.values()  # the same checkpoint twice is one entry
+    (r,) = res["results"]["eps"].values()  # the same checkpoint twice is one entry
     assert set(r["conditions"]) == set(CONDITIONS) and all(a["n"] == 3 for a in r["conditions"].values())
     assert all(0 <= a["accuracy"] <= 1 for a in r["conditions"].values())
     assert bar.stat().st_size > 1000
