@@ -5,6 +5,7 @@
     python train.py --train.max_steps=20 --rollout.group_size=4   # any --section.key=value of memrl/config.py
     python train.py --resume                               # continue train.run_dir from its newest checkpoint
     python train.py --help                                 # every config key with its current value
+    torchrun --nproc_per_node 8 train.py --preset=paper-1.5b ...   # FSDP2 over 8 GPUs (README: multi-node too)
 
 One step: rollout (B problems x G trajectories, turn by turn) -> reward (verifier on the final answer) ->
 advantage (DrGRPO, per trajectory, broadcast to every generated token of every turn) -> [dynamic sampling] ->
@@ -12,10 +13,13 @@ advantage (DrGRPO, per trajectory, broadcast to every generated token of every t
 AdamW step -> log -> [eval] -> [checkpoint]. Each stage is one section below.
 Determinism: one seed (train.seed); rollout seeds derive from (seed, step, problem, turn, sample), the data order
 from (seed, epoch). With fp32 weights on CPU, --resume reproduces an uninterrupted run bit for bit.
+Several processes (torchrun, memrl/distributed.py): the weights are FSDP2-sharded; every rank rolls out its own
+slice of each step's problems (all G samples of a problem on one rank, so group advantages stay local) with the
+weights gathered once per step, trains on its slice, and the token-mean, the gradient norm and every logged number
+are global (summed / maxed over ranks). Rank 0 alone writes metrics, config and checkpoints.
 """
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -27,11 +31,13 @@ from tqdm import tqdm
 
 from evaluate import eval_episodes, evaluate_policy, resolve_policy
 from memrl import synthetic
-from memrl.algo import (DynamicSampler, count_response_tokens, group_advantages, overlong_penalty, pack_turns,
-                        policy_loss, response_logprobs)
+from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
+                        pack_turns, policy_loss, response_logprobs)
 from memrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from memrl.config import RUN_CONFIG_NAME, ConfigError, describe, parse_cli, save_config
-from memrl.distributed import all_reduce_sum, init_distributed, print0
+from memrl.distributed import (all_reduce_max, all_reduce_sum, broadcast_object, clip_grad_norm, gathered_for_rollout,
+                               init_distributed, is_sharded, max_over_ranks, print0, rollout_view, shard_model,
+                               sum_over_ranks)
 from memrl.episodes import Episode, load_episodes
 from memrl.generate import Generator
 from memrl.hf_io import load_model, resolve_checkpoint
@@ -51,14 +57,30 @@ except ConfigError as e:
 if "-h" in argv or "--help" in argv:
     print(__doc__ + "\nConfig (preset " + cfg.preset + ", after overrides):\n" + describe(cfg))
     sys.exit(0)
-dist_info = init_distributed(cfg.train.device)  # the FSDP seam: rank / world size / device, from torchrun's env
-assert dist_info.world_size == 1, "multi-process training needs FSDP wrapping (memrl/distributed.py), not wired yet"
+dist_info = init_distributed(cfg.train.device)  # rank / world size / device, from torchrun's env (1 process: none)
+rank, world = dist_info.rank, dist_info.world_size
+if cfg.train.batch_size % world:
+    sys.exit(f"error: train.batch_size={cfg.train.batch_size} is not divisible by the {world} processes: each rank "
+             f"rolls out an equal slice of the step's problems")
+per_rank = cfg.train.batch_size // world  # problems this rank rolls out and trains on per step
 device = dist_info.device
 dtype = getattr(torch, cfg.model.dtype)
 run_dir = Path(cfg.train.run_dir)
 run_dir.mkdir(parents=True, exist_ok=True)
-save_config(cfg, run_dir / RUN_CONFIG_NAME)
+if dist_info.is_main:
+    save_config(cfg, run_dir / RUN_CONFIG_NAME)
 torch.manual_seed(cfg.train.seed)
+
+
+def say(msg: str) -> None:
+    if dist_info.is_main:
+        tqdm.write(msg)
+
+
+def sync() -> None:
+    """Wait for queued GPU work: only where a wall-clock time is taken (the GPU otherwise runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 # ----------------------------------------------------------------------------- model, reference, tokenizer
 policy_path = resolve_checkpoint(resolve_policy(cfg.model.path))  # "" = assets/synthetic-policy
@@ -69,10 +91,18 @@ ref = None
 if cfg.algo.kl_coef > 0:  # the frozen reference: the starting weights unless model.ref_path says otherwise
     ref = load_model(resolve_policy(cfg.model.ref_path) if cfg.model.ref_path else policy_path, dtype=dtype,
                      device=device).eval().requires_grad_(False)
-generator = Generator(policy, tokenizer.vocab_size)  # generates with the live policy weights, no copy
+if world > 1:  # FSDP2 from outside the model: bf16 compute + fp32 grad reduction for bf16 weights, else as loaded
+    param_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
+    shard_model(policy, param_dtype)
+    if ref is not None:
+        shard_model(ref, param_dtype)  # sharded too; no optimizer, never a gradient
+rollout_model = rollout_view(policy)  # the policy itself on one process; a hook-free view of gathered weights on N
+with gathered_for_rollout(policy, rollout_model) as gen_model:
+    generator = Generator(gen_model, tokenizer.vocab_size)  # generates with the live policy weights, no copy
 templates = Templates.from_config(cfg.rollout)
 sampling = Sampling.from_config(cfg.rollout)
-print0(f"policy {policy_path} ({policy.num_params() / 1e6:.2f}M params, {cfg.model.dtype}, {device}); "
+print0(f"policy {policy_path} ({policy.num_params() / 1e6:.2f}M params, {cfg.model.dtype}, {device}"
+       f"{f', FSDP2 over {world} processes' if world > 1 else ''}); "
        f"reference: {'yes' if ref is not None else 'none (kl_coef = 0)'}")
 
 # ----------------------------------------------------------------------------- data
@@ -92,7 +122,8 @@ eval_set = eval_episodes(cfg, tokenizer)
 steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
 max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 print0(f"data: {len(train_set)} training problems, {len(eval_set)} held-out; {max_steps} steps of "
-       f"{cfg.train.batch_size} problems x {cfg.rollout.group_size} samples, condition {cfg.rollout.condition}")
+       f"{cfg.train.batch_size} problems x {cfg.rollout.group_size} samples, condition {cfg.rollout.condition}"
+       f"{f' ({per_rank} problems per rank)' if world > 1 else ''}")
 
 
 def epoch_order(epoch: int) -> list[int]:
@@ -114,41 +145,63 @@ def reward_of(traj) -> float:
     return score(traj.final_text, traj.episode.answer, traj.episode.metadata.get("reward_kind", cfg.data.reward_kind))
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on at least one."""
+    return bool(all_reduce_max(torch.tensor(int(flag), device=device)).item())
+
+
 # ----------------------------------------------------------------------------- optimizer, schedule, resume
 optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.adam_eps,
                               weight_decay=cfg.optim.weight_decay)
 warmup = cfg.optim.warmup_steps  # linear warmup to lr, then constant (paper A.1)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 start_step, cursor = 0, 0
-resume_from = resolve_resume(run_dir, cfg.train.resume)
+# rank 0 reads the checkpoint (the other nodes need no shared filesystem) and the state arrives by broadcast
+resume_from = broadcast_object(resolve_resume(run_dir, cfg.train.resume) if dist_info.is_main else None)
 if resume_from is not None:
-    state = load_checkpoint(resume_from, policy, optimizer, scheduler)
+    state = load_checkpoint(resume_from, policy, optimizer, scheduler)  # refuses another world size
     start_step, cursor = state["step"], state["data"]["cursor"]
     print0(f"resumed from {resume_from} at step {start_step}")
 elif cfg.train.resume:
     print0(f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
 metrics_path = run_dir / "metrics.jsonl"
-if metrics_path.exists():  # keep the history up to the resumed step; a fresh run starts a fresh file
+if metrics_path.exists() and dist_info.is_main:  # keep the history up to the resumed step; a fresh run starts anew
     kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
     metrics_path.write_text("".join(ln + "\n" for ln in kept) if start_step else "")
 
 
 def log(row: dict) -> None:
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if dist_info.is_main:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def run_eval(step: int) -> dict:
+    """Greedy held-out accuracy. Every rank evaluates its slice (eval_set[rank::world]) with gathered weights;
+    generation is no collective, so slices may differ in size; correct answers and counts are summed over ranks."""
     t0 = time.time()
+    mine = eval_set[rank::world]
     policy.eval()
-    acc = evaluate_policy(generator, tokenizer, eval_set, cfg, conditions=(cfg.rollout.condition,))
+    with gathered_for_rollout(policy, rollout_model):
+        acc = evaluate_policy(generator, tokenizer, mine, cfg, conditions=(cfg.rollout.condition,)) if mine else {}
     policy.train()
+    if world > 1:
+        for c in (cfg.rollout.condition,):
+            a = acc.get(c, {"accuracy": 0.0, "n": 0})
+            total = sum_over_ranks({"correct": a["accuracy"] * a["n"], "n": a["n"]}, device)
+            acc[c] = {"accuracy": total["correct"] / total["n"], "n": int(total["n"])}
+    eval_s = max_over_ranks({"eval_s": time.time() - t0}, device)["eval_s"]
     row = {"step": step, "kind": "eval", **{f"accuracy/{c}": a["accuracy"] for c, a in acc.items()},
-           "eval_s": round(time.time() - t0, 3)}
+           "eval_s": round(eval_s, 3)}
     log(row)
-    tqdm.write(f"eval @ step {step}: " + ", ".join(f"{c} accuracy {a['accuracy']:.3f} (n={a['n']})"
-                                                   for c, a in acc.items()))
+    say(f"eval @ step {step}: " + ", ".join(f"{c} accuracy {a['accuracy']:.3f} (n={a['n']})" for c, a in acc.items()))
     return row
+
+
+# FSDP forward/backward passes are collectives: a rank with fewer micro-batches than another runs this one-token
+# record with zero weight instead, so that every rank makes the same number of passes (see the loss section)
+DUMMY = pack_turns([TurnRecord([0], [0], [0.0], trajectory_id=0, group_id=0, turn_index=0, kind="final")],
+                   torch.zeros(1), 1)[0].to(device)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -157,27 +210,35 @@ pbar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, d
             disable=not dist_info.is_main, dynamic_ncols=True)
 for step in pbar:
     t_step = time.time()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gib is this step's peak
 
-    # --- rollout: B problems x G trajectories, every turn of every live trajectory in one generate() call
+    # --- rollout: B problems x G trajectories, every turn of every live trajectory in one generate() call. Each rank
+    #     takes its slice of the step's B problems; the weights are gathered once for the whole rollout
     # --- reward: the verifier on each trajectory's final answer
-    # --- dynamic sampling (optional): keep only groups with mixed rewards, refill from more problems
-    sampler = DynamicSampler(cfg.train.batch_size, cfg.algo.max_sampling_rounds) if cfg.algo.dynamic_sampling else None
+    # --- dynamic sampling (optional): keep only groups with mixed rewards, refill from more problems. Per rank: each
+    #     fills its own slice; rounds continue while any rank needs more (all ranks draw the same problems, so the
+    #     data cursor stays one number), and a rank already full skips its share of a round's problems
+    sampler = DynamicSampler(per_rank, cfg.algo.max_sampling_rounds) if cfg.algo.dynamic_sampling else None
     parts, keeps, all_rewards = [], [], []
-    while True:
-        problems, cursor = next_problems(cursor, cfg.train.batch_size)
-        result = rollout(generator, tokenizer, problems, cfg.rollout.condition, cfg.rollout.group_size, templates,
-                         sampling, seed=cfg.train.seed, step=step)
-        rewards = torch.tensor([reward_of(t) for t in result.trajectories])
-        all_rewards.append(rewards)
-        parts.append(result)
-        if sampler is None:
-            keeps.append([True] * len(rewards))
-            break
-        keeps.append(sampler.add(rewards, torch.tensor([t.group_id for t in result.trajectories])).tolist())
-        if not sampler.need_more():
-            break
+    with gathered_for_rollout(policy, rollout_model):
+        while True:
+            problems, cursor = next_problems(cursor, cfg.train.batch_size)
+            if sampler is None or sampler.need_more():
+                result = rollout(generator, tokenizer, problems[rank * per_rank: (rank + 1) * per_rank],
+                                 cfg.rollout.condition, cfg.rollout.group_size, templates, sampling,
+                                 seed=cfg.train.seed, step=step)  # seeds from global episode ids: slicing-invariant
+                rewards = torch.tensor([reward_of(t) for t in result.trajectories])
+                all_rewards.append(rewards)
+                parts.append(result)
+                if sampler is None:
+                    keeps.append([True] * len(rewards))
+                    break
+                keeps.append(sampler.add(rewards, torch.tensor([t.group_id for t in result.trajectories])).tolist())
+            if not any_rank(sampler.need_more()):
+                break
     if sampler is not None and sampler.exhausted():
-        tqdm.write(f"step {step + 1}: {sampler.message()}")
+        tqdm.write(f"step {step + 1}{f' (rank {rank})' if world > 1 else ''}: {sampler.message()}")
     batch = concat(parts, keeps)
     rewards = torch.cat([r[torch.tensor(k, dtype=torch.bool)] for r, k in zip(all_rewards, keeps)])
     t_rollout = time.time() - t_step
@@ -193,24 +254,35 @@ for step in pbar:
     group_ids = torch.tensor([t.group_id for t in batch.trajectories], dtype=torch.long)
     advantages = group_advantages(shaped, group_ids, std_normalize=cfg.algo.advantage == "grpo")
     micro_batches = [mb.to(device) for mb in pack_turns(batch.records, advantages, cfg.train.micro_batch_tokens)]
+    n_real = len(micro_batches)  # this rank's; padded with zero-weight dummies up to the largest count of any rank
+    micro_batches += [DUMMY] * (int(all_reduce_max(torch.tensor(n_real, device=device)).item()) - n_real)
     # the token-mean's denominator: every response token of the GLOBAL batch (summed over ranks), as a tensor
     num_tokens = all_reduce_sum(torch.tensor(float(count_response_tokens(batch.records)), device=device))
 
     # --- old / reference log-probs (no grad). On-policy (one update per rollout): old = None, i.e. ratio == 1
+    t_score = time.time()
     with torch.no_grad():
         ref_logps = [response_logprobs(ref, mb, cfg.rollout.temperature, tokenizer.vocab_size)[0]
                      for mb in micro_batches] if ref is not None else None
         old_logps = [response_logprobs(policy, mb, cfg.rollout.temperature, tokenizer.vocab_size)[0]
                      for mb in micro_batches] if cfg.algo.updates_per_rollout > 1 else None
+    for model in (policy, ref):  # FSDP: the root stays gathered after a forward (see shard_model); free it
+        if model is not None and is_sharded(model):
+            model.reshard()
+    scoring_models = (ref is not None) + (cfg.algo.updates_per_rollout > 1)
+    sync()
+    t_score = time.time() - t_score
 
     # --- loss: dual-clip PPO + beta * KL, summed over micro-batches = one token-mean over the global batch
-    # --- step: AdamW after grad-norm clipping; a non-finite loss or gradient skips the update
-    t_train = time.time()
+    # --- step: AdamW after global grad-norm clipping; a non-finite loss or gradient skips the update (on all ranks:
+    #     the loss sum is all-reduced and the norm is global, so every rank takes the same decision)
+    t_update = time.time()
     skipped = 0
     for update in range(cfg.algo.updates_per_rollout if micro_batches else 0):
         optimizer.zero_grad(set_to_none=True)
         sums = defaultdict(float)
         for i, mb in enumerate(micro_batches):
+            weight = 1.0 if i < n_real else 0.0  # a dummy pass: same collectives, zero gradient, not in any metric
             logp, entropy = response_logprobs(policy, mb, cfg.rollout.temperature, tokenizer.vocab_size,
                                               with_entropy=True)  # (N,) fp32 each
             loss, m = policy_loss(logp, mb.advantages, num_tokens,
@@ -218,47 +290,68 @@ for step in pbar:
                                   ref_logp=ref_logps[i] if ref_logps is not None else None, entropy=entropy,
                                   eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high, clip_c=cfg.algo.clip_c,
                                   kl_coef=cfg.algo.kl_coef, kl_type=cfg.algo.kl_type)
-            loss.backward()
-            sums["loss"] += loss.item()
+            (loss if weight else loss * 0.0).backward()
+            sums["loss"] += weight * loss.item()
             for k, v in m.items():
-                sums[k] += v.item()
+                sums[k] += weight * v.item()
             # trainer vs sampler log-prob of the same tokens: ~0 unless the two numerics (or top-p/k) disagree
-            sums["logp_gap"] += ((logp.detach() - mb.rollout_logprobs).abs().sum() / num_tokens).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip).item()
+            sums["logp_gap"] += weight * ((logp.detach() - mb.rollout_logprobs).abs().sum() / num_tokens).item()
+        # this rank's sums of (token sum / N_global) -> summed over ranks: the global token-means
+        sums = defaultdict(float, sum_over_ranks(sums, device))
+        grad_norm = clip_grad_norm(policy, cfg.optim.grad_clip)  # the global norm, the same on every rank
         if math.isfinite(sums["loss"]) and math.isfinite(grad_norm):
             optimizer.step()
         else:
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            tqdm.write(f"step {step + 1}: non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient'} "
-                       f"(loss {sums['loss']}, grad norm {grad_norm}): update skipped")
+            say(f"step {step + 1}: non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient'} "
+                f"(loss {sums['loss']}, grad norm {grad_norm}): update skipped")
     if not micro_batches:
         sums, grad_norm = defaultdict(float), 0.0
-        tqdm.write(f"step {step + 1}: no trajectory left after dynamic sampling: update skipped")
+        say(f"step {step + 1}: no trajectory left after dynamic sampling: update skipped")
     scheduler.step()
-    t_train = time.time() - t_train
+    sync()
+    t_update = time.time() - t_update
 
-    # --- log
+    # --- log: sums and counts over ranks, times and memory as the max over ranks
     memory_recs = [r for r in batch.records if r.kind == "memory"]
     final_recs = [r for r in batch.records if r.kind == "final"]
-    step_s = time.time() - t_step
-    row = {"step": step + 1, "kind": "train", "reward": shaped.mean().item() if len(shaped) else 0.0,
-           "accuracy": torch.cat(all_rewards).mean().item(),  # every sampled trajectory, before any filtering
+    real_tokens = sum(mb.num_tokens for mb in micro_batches[:n_real])  # prompt + response rows, dummies excluded
+    g = sum_over_ranks({
+        "reward": shaped.double().sum().item(), "kept": len(shaped),
+        "accuracy": sum(r.sum().item() for r in all_rewards), "sampled": sum(len(r) for r in all_rewards),
+        "memory_tokens": sum(len(r.response_ids) for r in memory_recs), "memory_turns": len(memory_recs),
+        "memory_cut": sum(r.finish_reason == "length" for r in memory_recs),
+        "answer_tokens": sum(len(r.response_ids) for r in final_recs), "answer_turns": len(final_recs),
+        "train_tokens": real_tokens * cfg.algo.updates_per_rollout, "score_tokens": real_tokens * scoring_models,
+        "rollout_new_tokens": sum(s.get("new_tokens", 0) for s in batch.generate_stats), "micro_batches": n_real,
+    }, device)
+    peak = max_over_ranks({
+        "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update, "step_s": time.time() - t_step,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+        "rollout_rounds": len(parts),
+    }, device)
+    step_s = peak["step_s"]
+    row = {"step": step + 1, "kind": "train", "reward": g["reward"] / max(g["kept"], 1),
+           "accuracy": g["accuracy"] / max(g["sampled"], 1),  # every sampled trajectory, before any filtering
            **{k: v for k, v in sums.items()}, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-           "memory_tokens": sum(len(r.response_ids) for r in memory_recs) / max(len(memory_recs), 1),
-           "memory_cut": sum(r.finish_reason == "length" for r in memory_recs) / max(len(memory_recs), 1),
-           "answer_tokens": sum(len(r.response_ids) for r in final_recs) / max(len(final_recs), 1),
-           "response_tokens": int(num_tokens.item()), "trajectories": len(batch.trajectories),
-           "rollout_rounds": len(parts), "skipped": skipped, "cursor": cursor,
-           "rollout_s": round(t_rollout, 3), "train_s": round(t_train, 3), "step_s": round(step_s, 3),
-           "train_tokens_per_s": round(sum(mb.num_tokens for mb in micro_batches) * cfg.algo.updates_per_rollout
-                                       * (2 if ref is not None else 1) / max(t_train, 1e-9)),
-           "rollout_new_tokens_per_s": round(sum(s.get("new_tokens", 0) for s in batch.generate_stats)
-                                             / max(t_rollout, 1e-9))}
+           "memory_tokens": g["memory_tokens"] / max(g["memory_turns"], 1),
+           "memory_cut": g["memory_cut"] / max(g["memory_turns"], 1),
+           "answer_tokens": g["answer_tokens"] / max(g["answer_turns"], 1),
+           "response_tokens": int(num_tokens.item()), "trajectories": int(g["kept"]),
+           "rollout_rounds": int(peak["rollout_rounds"]), "skipped": skipped, "cursor": cursor,
+           # timings (max over ranks) and global token counts; the step benchmark parses these names
+           **{k: round(peak[k], 3) for k in ("rollout_s", "score_s", "update_s", "step_s", "peak_mem_gib")},
+           "train_s": round(peak["score_s"] + peak["update_s"], 3),
+           **{k: int(g[k]) for k in ("train_tokens", "score_tokens", "rollout_new_tokens", "micro_batches")},
+           "dummy_micro_batches": world * len(micro_batches) - int(g["micro_batches"]), "world_size": world,
+           "train_tokens_per_s": round((g["train_tokens"] + g["score_tokens"])
+                                       / max(peak["score_s"] + peak["update_s"], 1e-9)),
+           "rollout_new_tokens_per_s": round(g["rollout_new_tokens"] / max(peak["rollout_s"], 1e-9))}
     if (step + 1) % cfg.train.log_every == 0:
         log(row)
 
-    # --- eval (held-out, greedy) and checkpoint
+    # --- eval (held-out, greedy) and checkpoint (both collective: every rank takes part)
     done = step + 1 == max_steps
     if done or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0):
         last_eval = run_eval(step + 1)

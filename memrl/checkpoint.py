@@ -15,8 +15,19 @@ One writer per run directory (rank 0): a save removes any temp directory it find
 
 Exact resume holds when the weights are saved in the dtype they train in (fp32 on CPU): the safetensors round trip
 is then bitwise, and so is every other piece of state here.
-FSDP: pass `model_state_dict` (a gathered full state dict) and the optimizer's full state dict from the rank that
-writes; the distributed helper owns the gathering.
+FSDP (torchrun, world size > 1): call save_checkpoint / load_checkpoint on EVERY rank; they are collectives.
+- Weights: gathered into one full state dict on rank 0 (memrl.distributed.full_state_dict), written as ONE HF
+  checkpoint, so evaluate.py and transformers read it whatever the world size it was trained at.
+- Optimizer: the full state dict keyed by parameter name (torch.distributed.checkpoint.state_dict, full_state_dict +
+  cpu_offload), gathered on rank 0 and stored in trainer_state.pt like the single-process one. Chosen over per-rank
+  shard files because the checkpoint stays one self-contained directory written by one process (one temp dir, one
+  rename: atomic), and resume needs the files on rank 0 only (broadcast_from_rank0): other nodes need no shared
+  filesystem. The cost, a full fp32 copy of the Adam moments in rank 0's CPU memory while saving, is fine up to a
+  few billion parameters.
+- RNG: every rank's streams (trainer_state["rng_per_rank"]); each rank gets its own back.
+- trainer_state["world_size"] records the world size; a resume at another world size is refused with a clear
+  message (the data slicing per rank and the per-rank RNG streams would not continue exactly).
+Only rank 0 touches the filesystem; the other ranks receive what they need by broadcast.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memrl import hf_io
+from memrl import distributed, hf_io
 from memrl.config import load_config, save_config
 
 CKPT_DIR = "checkpoints"
@@ -129,9 +140,32 @@ def save_checkpoint(
 
     data_state: e.g. {"epoch": 3, "position": 128, "permutation_seed": 1234} (ints/floats/str/lists only).
     config: a memrl.config.Config (saved as run_config.json). extra: more weights_only-safe state for the trainer.
+    An FSDP-sharded model: call on every rank (gathers weights, optimizer state and RNG states to rank 0, which
+    writes; the others wait at a barrier and return the same path).
     """
     assert keep_last >= 1
     final = checkpoint_dir(run_dir, step)
+    world = distributed.world_size()
+    optimizer_state = None
+    if distributed.is_sharded(model):  # collectives first, on every rank
+        model_state_dict = distributed.full_state_dict(model)
+        optimizer_state = distributed.full_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    elif optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+    rngs = distributed.all_gather_object(rng_state()) if world > 1 else None
+    if distributed.rank() != 0:
+        distributed.barrier()  # rank 0 writes
+        return final
+    try:
+        return _write(final, run_dir, step, model, optimizer_state, scheduler, data_state, config, keep_last,
+                      tokenizer_dir, model_state_dict, extra, world, rngs)
+    finally:
+        if world > 1:
+            distributed.barrier()
+
+
+def _write(final: Path, run_dir, step, model, optimizer_state, scheduler, data_state, config, keep_last,
+           tokenizer_dir, model_state_dict, extra, world: int, rngs: list | None) -> Path:
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".*tmp-*"):  # left by a crash mid-save (ours, or hf_io's own temp dirs)
@@ -141,12 +175,15 @@ def save_checkpoint(
         hf_io.save_model(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_state_dict)  # creates tmp
         state = {
             "step": int(step),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "data": dict(data_state or {}),
             "extra": dict(extra or {}),
+            "world_size": world,
         }
+        if rngs is not None:
+            state["rng_per_rank"] = rngs
         torch.save(state, tmp / STATE_FILE)
         if config is not None:
             save_config(config, tmp / CONFIG_FILE)
@@ -177,13 +214,63 @@ def load_checkpoint(
 
     Returns the trainer state: {"step", "data", "extra", "config" (a Config or None), "optimizer", "scheduler", ...}.
     Non-weight state is read with torch.load(weights_only=True): a checkpoint can hold tensors and plain containers
-    only, never pickled code.
+    only, never pickled code. Under torchrun (world size > 1): call on every rank; only rank 0 reads the files
+    (`path` matters on rank 0 only) and the rest arrives by broadcast. Refuses a checkpoint of another world size.
     """
-    path = Path(path)
+    world = distributed.world_size()
+    if world == 1:
+        return _load_local(Path(path), model, optimizer, scheduler, restore_rng)
+    state, error = None, None
+    if distributed.rank() == 0:
+        try:
+            state = _read_state(Path(path))
+            if state.get("world_size", 1) != world:
+                raise ValueError(_world_message(path, state.get("world_size", 1), world))
+        except Exception as e:  # noqa: BLE001 - every rank must leave, not only rank 0
+            error = f"{type(e).__name__}: {e}"
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise RuntimeError(f"resume from {path} failed: {error}")
+    if model is not None:
+        weights = {}
+        if distributed.rank() == 0:
+            ref = next(model.parameters())
+            weights = hf_io.load_model(Path(path), dtype=ref.dtype, device="cpu").state_dict()
+            weights.pop("inv_freq", None)
+        distributed.load_full_state_dict(model, weights)
+    if optimizer is not None:
+        full = state["optimizer"] if state is not None else {}
+        distributed.load_full_optimizer_state_dict(model, optimizer, full)
+    small = None
+    if distributed.rank() == 0:  # everything but the big tensors travels as one pickled object
+        small = {k: v for k, v in state.items() if k != "optimizer"}
+    small = distributed.broadcast_object(small)
+    if scheduler is not None:
+        scheduler.load_state_dict(small["scheduler"])
+    if restore_rng:
+        set_rng_state(small["rng_per_rank"][distributed.rank()])
+    return small
+
+
+def _world_message(path, saved: int, world: int) -> str:
+    return (f"{path} was written by a run of {saved} process(es), this run has {world}: resume at the same world "
+            f"size (torchrun --nproc_per_node ... x nodes = {saved}), or start a new run from its weights with "
+            f"--model.path={path}")
+
+
+def _read_state(path: Path) -> dict:
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
     state = torch.load(state_file, map_location="cpu", weights_only=True)
+    state["config"] = load_config(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
+    return state
+
+
+def _load_local(path: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
+    state = _read_state(path)
+    if state.get("world_size", 1) != 1:
+        raise ValueError(_world_message(path, state["world_size"], 1))
     if model is not None:
         ref = next(model.parameters())
         loaded = hf_io.load_model(path, dtype=ref.dtype, device=ref.device)
@@ -198,5 +285,4 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])
-    state["config"] = load_config(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
     return state

@@ -18,7 +18,8 @@ Invariants:
 - Seeds (STYLE 10): a request's seed is a hash of (run seed, step, episode id, turn, first sample index); the
   generator gives each of its n samples its own stream from that seed. A trajectory's tokens therefore depend only
   on the seed, the step, its problem, its sample index and the policy, never on the rest of the batch or on
-  wall-clock state.
+  wall-clock state. The episode id is global (not the problem's index in this call), so N ranks each rolling out
+  their slice of a step's problems sample what one process rolling out all of them samples.
 - Noise shards: episodes from data_tools already hold their noise shards (metadata.noise_positions), and a rollout
   plays every shard in order. `with_noise` (evaluation) inserts n WikiText passages after every problem shard with
   data_tools.noise.make_variant(..., "noisy"), the same placement the offline tool writes.
@@ -54,12 +55,14 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    ignore_eos: bool = False  # benchmarks: no stop ids, every turn runs to its full budget
 
     @classmethod
     def from_config(cls, rollout_cfg, greedy: bool = False) -> "Sampling":
         return cls(memory_cap_tokens=rollout_cfg.memory_cap_tokens,
                    response_max_tokens=rollout_cfg.response_max_tokens, temperature=rollout_cfg.temperature,
-                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy)
+                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy,
+                   ignore_eos=rollout_cfg.ignore_eos)
 
 
 @dataclass
@@ -157,7 +160,7 @@ def rollout(
     memory = [templates.initial_memory] * len(trajs)
     records: list[TurnRecord] = []
     stats: list[dict] = []
-    stop_ids = frozenset(tokenizer.stop_ids)
+    stop_ids = frozenset() if sampling.ignore_eos else frozenset(tokenizer.stop_ids)
 
     def params(kind: str, n: int, request_seed: int) -> SamplingParams:
         budget = sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens

@@ -142,3 +142,14 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, tiny):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
     model, opt, _ = _setup(tiny)
     assert load_checkpoint(resolve_resume(tmp_path, "latest"), model, opt)["step"] == 1
+
+
+def test_resume_at_another_world_size_is_refused(tmp_path, tiny):
+    model, opt, sched = _setup(tiny)
+    path = save_checkpoint(tmp_path, 1, model, opt, sched)
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    assert state["world_size"] == 1  # recorded by every save
+    state["world_size"] = 2  # as a 2-process (torchrun) run writes it
+    torch.save(state, path / STATE_FILE)
+    with pytest.raises(ValueError, match="resume at the same world size"):
+        load_checkpoint(path, model, opt, sched)

@@ -111,3 +111,36 @@ def test_every_default_has_a_why_comment():
         for line in inspect.getsource(cls).splitlines():
             if ": " in line and " = " in line and line.startswith("    ") and not line.startswith("        "):
                 assert "  # " in line, f"{cls.__name__}: no comment on {line.strip()!r}"
+
+
+def test_ignore_eos_runs_every_turn_to_its_budget():
+    """rollout.ignore_eos (benchmarks): no stop ids reach the generator, so even a policy that stops early (the
+    shipped synthetic one ends its memories after a few tokens) generates every turn to its full budget."""
+    from pathlib import Path
+
+    import torch
+
+    from memrl import synthetic
+    from memrl.generate import Generator
+    from memrl.hf_io import load_model
+    from memrl.rollout import Sampling, rollout
+    from memrl.templates import Templates
+    from memrl.tokenizer import Tokenizer
+
+    policy = Path(__file__).resolve().parents[1] / "assets" / "synthetic-policy"
+    if not (policy / "config.json").is_file():
+        pytest.skip("assets/synthetic-policy not built")
+    tok = Tokenizer.from_pretrained(policy)
+    gen = Generator(load_model(policy, dtype=torch.float32), tok.vocab_size)
+    episodes = synthetic.make_episodes(2, "train")
+    for ignore in (False, True):
+        cfg = parse_cli(["--rollout.memory_cap_tokens=20", "--rollout.response_max_tokens=20",
+                         f"--rollout.ignore_eos={ignore}"])
+        sampling = Sampling.from_config(cfg.rollout)
+        assert sampling.ignore_eos is ignore
+        res = rollout(gen, tok, episodes, "memory", 2, Templates.from_config(cfg.rollout), sampling)
+        lengths = [len(r.response_ids) for r in res.records]
+        if ignore:
+            assert lengths == [20] * len(res.records) and all(r.finish_reason == "length" for r in res.records)
+        else:
+            assert min(lengths) < 20  # the policy does stop on its own

@@ -1,0 +1,131 @@
+"""train.py under torchrun on CPU (gloo, FSDP2): 2 processes x half the batch == 1 process x the whole batch, and a
+2-process resume continues exactly.
+
+Why the comparison holds: rollout seeds derive from global episode ids (not the rank or the slice position), the
+loss divides by the global response-token count and FSDP sums (not averages) the ranks' gradients, so the update
+of N ranks equals the single-process one up to fp32 summation order (micro-batch packing and the reduce-scatter
+add the same terms in another order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+POLICY = REPO / "assets" / "synthetic-policy"  # a real starting policy: mixed rewards, so a non-zero update
+TIMING = ("_s", "_per_s")  # wall-clock fields differ between runs; everything else is compared
+# 4 problems (2 per rank) x 4 samples, KL on (the reference is sharded too); the data file puts long problems on
+# rank 0 and short ones on rank 1, so the ranks pack different numbers of micro-batches (the dummy-pass path).
+# adam_eps 1e-5: Adam's first update is lr·g/(|g| + eps), which for entries with |g| near 1e-9 (sums that nearly
+# cancel) turns the fp32 rounding of g into a visible fraction of lr; a larger eps keeps the update's sensitivity to
+# g bounded (1/eps), so comparing weights compares the summed gradients, which is what this file tests.
+ARGS = ["--train.batch_size=4", "--rollout.group_size=4", "--rollout.memory_cap_tokens=16",
+        "--rollout.response_max_tokens=12", "--data.eval_limit=4", "--train.eval_every=1", "--train.save_every=1",
+        "--algo.kl_coef=0.01", "--train.micro_batch_tokens=1024", "--train.keep_last=3", "--data.shuffle=false",
+        "--optim.adam_eps=1e-5"]
+
+pytestmark = pytest.mark.skipif(not (POLICY / "config.json").is_file(), reason="assets/synthetic-policy not built")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def episodes_file(out: Path) -> Path:
+    """8 coin-tally problems; each step's first two (rank 0's slice) have 4 shards, the last two (rank 1's) 1."""
+    from memrl import synthetic
+
+    pool = synthetic.make_episodes(64, "train", seed=5, task=synthetic.CoinTally(num_shards=(1, 4)))
+    long, short = [e for e in pool if len(e.shards) == 4], [e for e in pool if len(e.shards) == 1]
+    eps = long[:2] + short[:2] + long[2:4] + short[2:4]
+    out.write_text("".join(json.dumps(e.to_json()) + "\n" for e in eps))
+    return out
+
+
+def train(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MEMRL_KERNELS="torch", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "train.py"]
+    proc = subprocess.run([*launcher, *ARGS, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{nproc} process(es), {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def rows(run_dir: Path) -> list[dict]:
+    out = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in out]
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return f"--data.train_path={episodes_file(tmp_path_factory.mktemp('data') / 'train.jsonl')}"
+
+
+@pytest.fixture(scope="module")
+def one_step_on_two(tmp_path_factory, data) -> Path:
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    train(2, data, f"--train.run_dir={run_dir}", "--train.max_steps=1")
+    return run_dir
+
+
+def test_two_processes_equal_one_process(one_step_on_two, data, tmp_path):
+    single = tmp_path / "one"
+    train(1, data, f"--train.run_dir={single}", "--train.max_steps=1")
+    a, b = rows(single), rows(one_step_on_two)
+    step_a, step_b = a[1], b[1]
+    assert step_a["kind"] == step_b["kind"] == "train"
+    assert step_a["world_size"] == 1 and step_b["world_size"] == 2
+    # the rollouts are the same trajectories: same seeds per (step, episode, turn, sample), same weights
+    for k in ("accuracy", "reward", "response_tokens", "trajectories", "rollout_new_tokens", "train_tokens",
+              "score_tokens", "memory_tokens", "answer_tokens"):
+        assert step_a[k] == step_b[k], k
+    assert step_b["dummy_micro_batches"] > 0  # the ranks packed different counts: the padding path ran
+    for k in ("loss", "kl", "entropy", "pg_clipfrac", "grad_norm"):
+        assert step_a[k] == pytest.approx(step_b[k], rel=1e-5, abs=1e-9), k
+    assert a[0]["accuracy/memory"] == b[0]["accuracy/memory"]  # eval: 2 slices of 2 == 4 episodes on one rank
+
+    start = load_file(str(POLICY / "model.safetensors"))
+    wa, wb = weights(single, 1), weights(one_step_on_two, 1)
+    assert wa.keys() == wb.keys() == start.keys()  # one full HF checkpoint, not shards
+    moved = max((wa[k] - start[k]).abs().max().item() for k in wa)
+    assert moved > 1e-5  # the step did update the weights (else the comparison below would be vacuous)
+    for k in wa:  # fp32 rounding of a different summation order: ~1e-7 relative to the weights' scale
+        assert (wa[k] - wb[k]).abs().max().item() <= 1e-6 * max(1.0, start[k].abs().max().item()), k
+    update_a = torch.cat([(wa[k] - start[k]).flatten() for k in wa])
+    update_b = torch.cat([(wb[k] - start[k]).flatten() for k in wa])
+    assert (update_a - update_b).norm() <= 1e-3 * update_a.norm()  # the same update, not merely small weights'
+
+
+def test_resume_on_two_processes_is_exact(one_step_on_two, data, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    shutil.copytree(one_step_on_two, parts)  # 1 step, checkpointed at step 1
+    train(2, data, f"--train.run_dir={whole}", "--train.max_steps=2")
+    out = train(2, data, f"--train.run_dir={parts}", "--train.max_steps=2", "--resume")
+    assert "resumed from" in out.stdout
+    state = torch.load(parts / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert rows(whole) == rows(parts)  # every logged number, bit for bit
+    wa, wb = weights(whole, 2), weights(parts, 2)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # CPU fp32: bitwise
+
+    # another world size is refused with a clear message (rank 0 would slice the data differently)
+    bad = train(1, data, f"--train.run_dir={parts}", "--train.max_steps=3", "--resume", check=False)
+    assert bad.returncode != 0 and "resume at the same world size" in bad.stderr
