@@ -1,17 +1,28 @@
 """Generator benchmark: memrl's Generator vs transformers' generate, Qwen2.5-1.5B shapes, random weights.
 
-    python -m benchmarks.bench_generate                  # H100: 64x512/256, 256x512/256, 512x1024/256 (< 8 min)
+    python -m benchmarks.bench_generate                  # H100: 64x512/256, 256x512/256, 512x1024/256 (~6 min)
     python -m benchmarks.bench_generate --quick          # one small shape
+    python -m benchmarks.bench_generate --attention      # only the decode-attention micro-benchmark (~1 min)
     python -m benchmarks.bench_generate --cpu            # CPU smoke run with a tiny config (automatic without CUDA)
-    options: --out DIR (default $OUT, else bench_out/), --no-compile, --no-hf, --no-hf-static
+    options: --out DIR (default $OUT, else bench_out/), --no-compile, --no-hf, --no-hf-static, --no-breakdown,
+             --budget-s S (skip transformers runs that would end past S seconds; default 340)
 
 Every number comes from this run, on this machine:
   - the two ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 GEMM;
   - ours: new tokens/s over the whole call (prefill included; second, warm call), decode ms per step against the
     roofline (weight bytes + KV bytes read per step) / copy bandwidth, prefill tokens/s and TFLOP/s (% of the
     GEMM ceiling) from a separate max_new_tokens=1 call;
-  - transformers' generate on the same weights (shared, not copied) and prompts: dynamic cache, and static cache
-    (which transformers compiles) when time allows; warm second call.
+  - transformers' generate on the same weights (shared, not copied) and prompts: static cache (which transformers
+    compiles) at 64 and 256 rows, dynamic cache at 256 rows (at 64 rows static won by 2.5x: dynamic is skipped to
+    save its ~35 s), while the time budget allows; warm second call;
+  - decode attention alone (rows 64/256/512 x context 640/1,280, and 16 x 4,096 where plan_split splits): our
+    kernel inside a CUDA graph (as the generator runs it) vs torch's SDPA on the same padded cache and vs the floor
+    (valid K+V read once at the copy bandwidth), plus tile / split variants of our kernel;
+  - per shape, after that shape's throughput numbers, one decode step at mid-call broken down by kernel category
+    (attention, GEMMs, sampling, inductor's fused pointwise, other) with torch.profiler, and the graph step time:
+    the difference is idle time in the graph. It reuses the measured generator (same cache, same graphs).
+Our generator runs with compile_fallback=False: a torch.compile failure fails the shape loudly instead of timing
+an eager fallback. Results are written after every section, so a timeout keeps what was measured.
 Random weights never emit EOS: our calls pass no stop ids; transformers gets eos_token_id=None. Both sample at
 temperature 1 with no top-k/top-p, so both run full length.
 """
@@ -48,8 +59,10 @@ TINY = dict(
 )
 SHAPES = [(64, 512, 256), (256, 512, 256), (512, 1024, 256)]  # rows, prompt tokens, new tokens
 HF_SHAPES = {(64, 512, 256), (256, 512, 256)}  # where the issue sets the 3x target
+HF_DYNAMIC_SHAPES = {(256, 512, 256)}  # at 64 rows the static cache won 5,069 vs 2,058 tok/s (H100, 2026-11-21)
+# seconds a transformers run takes (both calls; H100, 2026-11-21 run): skipped if it would end past --budget-s
+HF_COST_S = {("dynamic", 64): 30, ("dynamic", 256): 32, ("static", 64): 42, ("static", 256): 78}
 PREFILL_SHAPE = (64, 1024)  # where the issue sets the 60%-of-GEMM target
-DEADLINE_S = 390  # skip optional transformers runs past this point, to stay under 8 minutes
 
 
 def sync(device):
@@ -127,36 +140,194 @@ def hf_twin(model: Transformer, cfg_dict: dict, device, dtype):
     return hf.eval()
 
 
+# rows x mean context of a decode step; 16 x 4096: a thin tail of long rows, the one shape where plan_split splits
+ATTN_SHAPES = [(rows, ctx) for rows in (64, 256, 512) for ctx in (640, 1280)] + [(16, 4096)]
+# (label, kwargs) variants of our kernel timed beside the default; the default is what the generator runs
+ATTN_VARIANTS = [("no append", dict(append=False))] + [
+    (f"block {bn} warps {w} stages {st}", dict(block_n=bn, num_warps=w, num_stages=st))
+    for bn, w, st in [(128, 4, 2), (64, 8, 3), (128, 8, 3)]] + [
+    (f"{n} splits", dict(num_splits=n)) for n in (1, 2, 4, 8)]
+
+
+def graph_time(calls, device, reps: int = 10) -> tuple[float, bool]:
+    """Seconds per call of a list of calls, replayed as ONE CUDA graph (as the generator runs them: no launch
+    overhead); (seconds, True). Eager back-to-back launches if capture fails: (seconds, False)."""
+    for c in calls:  # compile / autotune outside the capture
+        c()
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for c in calls:
+                c()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in calls:
+                c()
+        run, graphed = graph.replay, True
+    except Exception as e:  # noqa: BLE001 - report eager timings instead
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {e}; eager timing)", flush=True)
+        torch.cuda.synchronize(device)
+
+        def run():
+            for c in calls:
+                c()
+        graphed = False
+    return timed(run, device, reps=reps) / len(calls), graphed
+
+
 def bench_decode_attention(cfg: ModelConfig, device, ceil: dict) -> list[dict]:
-    """The decode-attention kernel alone, at each shape's mean context, for a few tile configs, vs its floor:
-    one read of every row's valid K and V at the measured copy bandwidth."""
-    from kernels.decode_attention import decode_attention_triton
+    """One layer's decode attention at Qwen2.5-1.5B heads, rows x mean context, timed inside a CUDA graph of one
+    call per layer (28 caches, so L2 never serves the reads), vs SDPA on the same padded cache (the peer) and the
+    floor: one read of each row's valid K and V at the measured copy bandwidth."""
+    import torch.nn.functional as F
+
+    from kernels.decode_attention import decode_attention_triton, plan_split
 
     out = []
-    for rows, plen, new in SHAPES:
-        g = torch.Generator(device=device).manual_seed(rows)
-        T = -(-(plen + new) // 128) * 128
-        Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = torch.randn(rows, Hq, D, device=device, generator=g).bfloat16()
-        kv_bytes = 2 * rows * Hkv * T * D * 2
-        n_sets = max(1, -(-(256 << 20) // kv_bytes))  # rotate over >= 256 MB so L2 (50 MB) cannot serve the reads
-        kvs = [(torch.randn(rows, Hkv, T, D, device=device, generator=g).bfloat16(),
-                torch.randn(rows, Hkv, T, D, device=device, generator=g).bfloat16()) for _ in range(n_sets)]
-        lengths = torch.full((rows,), plen + new // 2, device=device)
-        floor_ms = 1e3 * rows * (plen + new // 2) * Hkv * D * 2 * 2 / (ceil["copy_GBps"] * 1e9)
-        for block_n, warps, stages in [(64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 3), (32, 4, 4)]:
-            turn = iter(range(1 << 30))
+    Hq, Hkv, D, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    for rows, ctx in ATTN_SHAPES:
+        g = torch.Generator(device=device).manual_seed(rows + ctx)
+        T = -(-(ctx * 6 // 5) // 128) * 128  # slot length: the generator's slots are longer than the mean context
+        layer_bytes = 2 * rows * Hkv * T * D * 2
+        n = max(1, min(layers, -(-(1 << 30) // layer_bytes)))  # >= 1 GiB of caches in rotation (L2 is 50 MB)
+        k = torch.randn(n, rows, Hkv, T, D, device=device, generator=g, dtype=torch.bfloat16)
+        v = torch.randn(n, rows, Hkv, T, D, device=device, generator=g, dtype=torch.bfloat16)
+        q = torch.randn(rows, Hq, D, device=device, generator=g, dtype=torch.bfloat16)
+        k_new = torch.randn(rows, Hkv, D, device=device, generator=g, dtype=torch.bfloat16)
+        v_new = torch.randn_like(k_new)
+        lengths = torch.randint(ctx - 64, ctx + 65, (rows,), device=device, generator=g)  # ragged rows
+        floor_us = 1e6 * int(lengths.sum()) * Hkv * D * 2 * 2 / (ceil["copy_GBps"] * 1e9)
+        split = plan_split(rows, Hkv, T, device)
+        row = dict(rows=rows, context=ctx, slot_len=T, split_size=split, programs=rows * Hkv * -(-T // split),
+                   floor_us=floor_us, variants={})
 
-            def call(block_n=block_n, warps=warps, stages=stages, turn=turn):
-                k, v = kvs[next(turn) % n_sets]
-                decode_attention_triton(q, k, v, lengths, D ** -0.5, block_n=block_n, num_warps=warps,
-                                        num_stages=stages)
+        def ours(append=True, **kw):
+            extra = dict(k_new=k_new, v_new=v_new) if append else {}
+            return [lambda i=i: decode_attention_triton(q, k[i % n], v[i % n], lengths, D ** -0.5, **extra, **kw)
+                    for i in range(layers)]
 
-            ms = 1e3 * timed(call, device, reps=50)
-            out.append(dict(rows=rows, context=plen + new // 2, block_n=block_n, num_warps=warps,
-                            num_stages=stages, ms=ms, floor_ms=floor_ms, pct_floor=100 * floor_ms / ms))
-        del q, kvs
+        sec, graphed = graph_time(ours(), device)
+        row.update(us=1e6 * sec, pct_floor=100 * floor_us / (1e6 * sec), graphed=graphed)
+        for label, kw in ATTN_VARIANTS:
+            try:
+                row["variants"][label] = 1e6 * graph_time(ours(**kw), device)[0]
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a tile config
+                print(f"  variant {label} failed: {type(e).__name__}: {e}", flush=True)
+        mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (rows, T)
+        mask = mask[:, None, None, :]
+        q4 = q[:, :, None]
+
+        def sdpa(i):
+            return F.scaled_dot_product_attention(q4, k[i], v[i], attn_mask=mask, enable_gqa=True)
+
+        try:
+            row["sdpa_us"] = 1e6 * graph_time([lambda i=i: sdpa(i % n) for i in range(layers)], device)[0]
+        except Exception as e:  # noqa: BLE001
+            row["sdpa_us"] = None
+            print(f"  SDPA failed: {type(e).__name__}: {e}", flush=True)
+        best = min(row["variants"].items(), key=lambda kv: kv[1], default=("-", float("nan")))
+        sd = f"{row['sdpa_us']:.0f}" if row["sdpa_us"] else "-"
+        print(f"decode attention {rows} rows x {ctx} ctx (slot {T}): ours {row['us']:.1f} us = "
+              f"{row['pct_floor']:.0f}% of floor {floor_us:.1f} us [{split} keys/program, {row['programs']} programs"
+              f"{'' if graphed else ', EAGER'}] | SDPA {sd} us | best variant: {best[0]} {best[1]:.1f} us",
+              flush=True)
+        print("    " + " | ".join(f"{lab} {t:.1f}" for lab, t in row["variants"].items()), flush=True)
+        out.append(row)
+        del k, v
+        torch.cuda.empty_cache()
     return out
+
+
+def _kernel_category(name: str) -> str:
+    low = name.lower()
+    if "decode_attn" in low:
+        return "attention"
+    if "sample_kernel" in low:
+        return "sampling"
+    if any(t in low for t in ("gemm", "nvjet", "cutlass", "xmma", "splitk", "gemv", "cublas")):
+        return "gemm"
+    if low.startswith("triton_"):
+        return "inductor (norms, rope, swiglu, residual)"
+    return "other"
+
+
+def step_breakdown(gen: Generator, prompts, new: int, out_dir: Path, steps: int = 6) -> dict:
+    """Where one decode step's time goes, at the middle of a call (context = prompt + new/2): the step's CUDA graph
+    timed with events, and its kernels (torch.profiler, per kernel name, summed per category)."""
+    from collections import deque
+
+    from memrl.generate import _bucket
+
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0)
+    try:
+        _, _, live = gen._start(prompts, params)
+        gen._admit(deque(live))
+        gen._compact()
+        for _ in range(new // 2):
+            gen._decode_step()
+        dev = gen.device
+        torch.cuda.synchronize(dev)
+        Bb = _bucket(gen.B, gen.cache.slots)
+        graph, _ = gen._graph(Bb, True)
+        step_ms = 1e3 * timed(graph.replay, dev, reps=steps, warmup=1)
+        res = {"rows": gen.B, "bucket": Bb, "graph_step_ms": step_ms}
+        kernels = None
+        for how, fn in (("graph replay", graph.replay), ("eager step", lambda: gen._step_body(Bb, True))):
+            try:
+                from torch.profiler import ProfilerActivity, profile
+
+                fn()
+                torch.cuda.synchronize(dev)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(steps):
+                        fn()
+                    torch.cuda.synchronize(dev)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                trace = out_dir / f"trace_{gen.B}rows.json"
+                prof.export_chrome_trace(str(trace))
+                events = json.loads(trace.read_text()).get("traceEvents", [])
+                trace.unlink()
+                kernels = [e for e in events if str(e.get("cat", "")).lower() == "kernel" and "dur" in e]
+                res["profiled"] = how
+                if len(kernels) >= 20 * steps:  # graph kernels may not be traced: then profile the eager step
+                    break
+            except Exception as e:  # noqa: BLE001 - the step time above still stands
+                print(f"  profiler ({how}) failed: {type(e).__name__}: {e}", flush=True)
+                kernels = None
+    finally:  # leave no live rows behind, whatever failed
+        if gen.state is not None:
+            gen.state.reset(0, gen.cache.slots)
+        gen.B = 0
+    if not kernels:
+        return res
+    per_name: dict = {}
+    for e in kernels:
+        t = per_name.setdefault(e["name"], [0.0, 0])
+        t[0] += e["dur"] / steps / 1e3  # ms per step
+        t[1] += 1 / steps
+    cats: dict = {}
+    for name, (ms, _) in per_name.items():
+        c = _kernel_category(name)
+        cats[c] = cats.get(c, 0.0) + ms
+    res["kernel_ms"] = sum(cats.values())
+    res["categories_ms"] = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
+    res["kernels_per_step"] = round(sum(c for _, c in per_name.values()))
+    res["top_kernels"] = [(name[:90], round(ms, 4), round(cnt, 1)) for name, (ms, cnt) in
+                          sorted(per_name.items(), key=lambda kv: -kv[1][0])[:15]]
+    return res
+
+
+def print_breakdown(b: dict) -> None:
+    line = f"step breakdown {b['rows']} rows (bucket {b['bucket']}): graph step {b['graph_step_ms']:.2f} ms"
+    if "kernel_ms" in b:
+        line += (f" | kernels {b['kernel_ms']:.2f} ms ({b['kernels_per_step']} per step, {b['profiled']}), gaps "
+                 f"{b['graph_step_ms'] - b['kernel_ms']:.2f} ms | " +
+                 " | ".join(f"{c} {ms:.2f}" for c, ms in b["categories_ms"].items()))
+    print(line, flush=True)
+    for name, ms, cnt in b.get("top_kernels", []):
+        print(f"    {ms * 1e3:8.1f} us  x{cnt:<5} {name}", flush=True)
 
 
 def run_ours(gen: Generator, prompts, new: int) -> dict:
@@ -206,6 +377,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-hf-static", action="store_true")
+    ap.add_argument("--attention", action="store_true", help="only the decode-attention micro-benchmark")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-step profiler breakdown")
+    ap.add_argument("--budget-s", type=float, default=340.0, help="skip transformers runs that would end later")
     args = ap.parse_args()
     t_start = time.perf_counter()
     on_gpu = torch.cuda.is_available() and not args.cpu
@@ -235,16 +409,17 @@ def main():
     model = build_model(cfg_dict, device, dtype)
     cfg = model.config
     results = {"env": env, "ceilings": ceil, "params": 0, "ours": [], "prefill": None, "hf": [], "attention": []}
-    if on_gpu and not args.quick:  # one layer's decode attention, per config (28 of these per step)
+    out_dir = Path(args.out)
+    if on_gpu and not args.quick:  # one layer's decode attention (28 of these per step)
         results["attention"] = bench_decode_attention(cfg, device, ceil)
-        for a in results["attention"]:
-            print(f"decode attention {a['rows']} rows x {a['context']} ctx, block {a['block_n']} warps "
-                  f"{a['num_warps']} stages {a['num_stages']}: {a['ms'] * 1e3:.0f} us, floor "
-                  f"{a['floor_ms'] * 1e3:.0f} us ({a['pct_floor']:.0f}%)", flush=True)
+        write(results, out_dir, t_start, echo=args.attention)
+        if args.attention:
+            return
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: the lm_head read once
     embed = cfg.vocab_size * cfg.hidden_size
-    gen = Generator(model, vocab_size=vocab, kv_memory_fraction=0.85, compile=env["compile"])
+    # compile_fallback=False: a compiler failure must fail the shape, not time an eager fallback as "ours"
+    gen = Generator(model, vocab_size=vocab, kv_memory_fraction=0.85, compile=env["compile"], compile_fallback=False)
     kv_bpt = gen.cache.bytes_per_token
     g = torch.Generator().manual_seed(0)
 
@@ -253,7 +428,12 @@ def main():
 
     results["params"] = params
     for rows, plen, new in shapes:
-        r = run_ours(gen, prompts_for(rows, plen), new)
+        prompts = prompts_for(rows, plen)
+        try:
+            r = run_ours(gen, prompts, new)
+        except Exception as e:  # noqa: BLE001 - loud, and the other sections still run
+            fail(results, f"ours {rows}x{plen}/{new}", e)
+            continue
         kv_bytes = rows * (plen + new / 2) * kv_bpt  # mean context over the decode steps
         roof_ms = 1e3 * (weight_bytes + kv_bytes) / (ceil["copy_GBps"] * 1e9)
         r.update(rows=rows, prompt=plen, new=new, roofline_ms=roof_ms,
@@ -262,34 +442,52 @@ def main():
         print(f"ours {rows}x{plen}/{new}: {r['new_tok_per_s']:,.0f} new tok/s | decode {r['decode_ms_per_step']:.2f} "
               f"ms/step, roofline {roof_ms:.2f} ({r['pct_roofline']:.0f}%) | prefill {r['prefill_s']:.2f}s "
               f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
+        # after this shape's measurements, on the same generator (its cache and graphs): nothing new to allocate
+        if on_gpu and not args.no_breakdown:
+            try:
+                r["breakdown"] = step_breakdown(gen, prompts, new, out_dir)
+                print_breakdown(r["breakdown"])
+            except Exception as e:  # noqa: BLE001 - the throughput numbers above still stand
+                fail(results, f"step breakdown {rows} rows", e)
+        write(results, out_dir, t_start)
 
     rows, plen = prefill_shape
-    p = run_prefill(gen, prompts_for(rows, plen))
-    flops = rows * (2 * (params - embed) * plen  # GEMMs of every layer
-                    + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * plen * plen / 2
-                    + 2 * cfg.hidden_size * cfg.vocab_size)  # causal attention; lm_head on the last token only
-    p.update(rows=rows, prompt=plen, tok_per_s=p["tokens"] / p["prefill_s"], TFLOPs=flops / p["prefill_s"] / 1e12)
-    p["pct_gemm_peak"] = 100 * p["TFLOPs"] / ceil["gemm_TFLOPs"]
-    results["prefill"] = p
-    print(f"prefill {rows}x{plen}: {p['tok_per_s']:,.0f} tok/s, {p['TFLOPs']:.3g} TFLOP/s "
-          f"({p['pct_gemm_peak']:.0f}% of GEMM) [{time.perf_counter() - t_start:.0f}s]", flush=True)
+    try:
+        p = run_prefill(gen, prompts_for(rows, plen))
+        flops = rows * (2 * (params - embed) * plen  # GEMMs of every layer
+                        + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * plen * plen / 2
+                        + 2 * cfg.hidden_size * cfg.vocab_size)  # causal attention; lm_head on the last token only
+        p.update(rows=rows, prompt=plen, tok_per_s=p["tokens"] / p["prefill_s"], TFLOPs=flops / p["prefill_s"] / 1e12)
+        p["pct_gemm_peak"] = 100 * p["TFLOPs"] / ceil["gemm_TFLOPs"]
+        results["prefill"] = p
+        print(f"prefill {rows}x{plen}: {p['tok_per_s']:,.0f} tok/s, {p['TFLOPs']:.3g} TFLOP/s "
+              f"({p['pct_gemm_peak']:.0f}% of GEMM) [{time.perf_counter() - t_start:.0f}s]", flush=True)
+    except Exception as e:  # noqa: BLE001
+        fail(results, f"prefill {rows}x{plen}", e)
     gen.release()
+    del gen
     if on_gpu:
         torch.cuda.empty_cache()
+    write(results, out_dir, t_start)
 
     if not args.no_hf:
         try:
             run_transformers(results, model, cfg_dict, device, dtype, vocab, shapes, on_gpu, args, g, t_start)
         except Exception as e:  # noqa: BLE001 - our numbers above still get written
-            print(f"transformers baseline failed: {e!r}")
+            fail(results, "transformers baseline", e)
+    write(results, out_dir, t_start, echo=True)
 
-    results["wall_s"] = time.perf_counter() - t_start
-    write(results, Path(args.out))
+
+def fail(results: dict, what: str, e: Exception) -> None:
+    """A failed section: printed loudly and listed at the top of the report."""
+    msg = f"{what} FAILED: {type(e).__name__}: {str(e)[:500]}"
+    print(f"!!! {msg}", flush=True)
+    results.setdefault("errors", []).append(msg)
 
 
 def run_transformers(results, model, cfg_dict, device, dtype, vocab, shapes, on_gpu, args, g, t_start):
-    """transformers' generate on the same weights and prompt shapes: dynamic cache, then static (compiled by
-    transformers) while the time budget lasts."""
+    """transformers' generate on the same weights and prompt shapes: static cache (compiled by transformers), then
+    dynamic, each run only if its expected cost (HF_COST_S) fits in the time budget."""
 
     def prompts_for(rows, plen):
         return torch.randint(0, vocab, (rows, plen), generator=g).tolist()
@@ -300,33 +498,42 @@ def run_transformers(results, model, cfg_dict, device, dtype, vocab, shapes, on_
         a, b = model(probe).float(), hf(probe).logits.float()
     results["hf_logits_rel_err"] = ((a - b).norm() / b.norm()).item()
     print(f"transformers twin: logits rel. err vs ours {results['hf_logits_rel_err']:.1e}", flush=True)
-    hf_shapes = [s for s in shapes if s in HF_SHAPES] if on_gpu and not args.quick else shapes
-    for static in (False, True):
+    full = on_gpu and not args.quick
+    for static in (True, False):  # static first: it is the stronger peer
         if static and (args.no_hf_static or not on_gpu):
             continue
-        for rows, plen, new in hf_shapes:
-            if static and time.perf_counter() - t_start > DEADLINE_S:
-                print(f"skip transformers static {rows}x{plen}/{new}: past the {DEADLINE_S}s budget")
+        cache = "static" if static else "dynamic"
+        for rows, plen, new in shapes:
+            if full and (rows, plen, new) not in (HF_SHAPES if static else HF_DYNAMIC_SHAPES):
+                continue
+            elapsed = time.perf_counter() - t_start
+            if full and elapsed + HF_COST_S.get((cache, rows), 60) > args.budget_s:
+                print(f"skip transformers {cache} {rows}x{plen}/{new}: would end past the {args.budget_s:.0f}s budget "
+                      f"(now {elapsed:.0f}s)", flush=True)
                 continue
             try:
                 r = run_hf(hf, prompts_for(rows, plen), new, static)
             except Exception as e:  # noqa: BLE001 - report, keep the rest of the benchmark
-                print(f"transformers {'static' if static else 'dynamic'} {rows}x{plen}/{new} failed: {e!r}")
+                fail(results, f"transformers {cache} {rows}x{plen}/{new}", e)
                 continue
             r.update(rows=rows, prompt=plen, new=new, cache="static+compile" if static else "dynamic")
             results["hf"].append(r)
             print(f"transformers {r['cache']} {rows}x{plen}/{new}: {r['new_tok_per_s']:,.0f} new tok/s "
                   f"(first call {r['first_call_s']:.0f}s) [{time.perf_counter() - t_start:.0f}s]", flush=True)
+            write(results, Path(args.out), t_start, echo=False)
             if on_gpu:
                 torch.cuda.empty_cache()
 
 
-def write(res: dict, out: Path) -> None:
+def write(res: dict, out: Path, t_start: float, echo: bool = False) -> None:
+    """bench_generate.json + .md with everything measured so far (called after every section); echo prints the md."""
+    res["wall_s"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_generate.json").write_text(json.dumps(res, indent=2) + "\n")
     e, c = res["env"], res["ceilings"]
     lines = [
         "# Generator benchmark", "",
+        *[f"**{msg}**" for msg in res.get("errors", [])], *([""] if res.get("errors") else []),
         f"{e['device']} | torch {e['torch']} (CUDA {e['cuda']}) | triton {e['triton']} | transformers "
         f"{e['transformers']} | {e['date']} | compile={e['compile']}", "",
         f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read + write), {c['dtype']} GEMM "
@@ -342,23 +549,41 @@ def write(res: dict, out: Path) -> None:
         lines.append(f"| {r['rows']} x {r['prompt']}/{r['new']} | {r['new_tok_per_s']:,.0f} | {best_s} | {ratio} | "
                      f"{r['decode_ms_per_step']:.2f} | {r['roofline_ms']:.2f} | {r['pct_roofline']:.0f}% |")
     p = res["prefill"]
-    lines += ["", f"Prefill {p['rows']} x {p['prompt']}: {p['tok_per_s']:,.0f} tok/s, {p['TFLOPs']:.3g} TFLOP/s = "
-                  f"{p['pct_gemm_peak']:.0f}% of the measured GEMM ceiling.", ""]
+    if p:
+        lines += ["", f"Prefill {p['rows']} x {p['prompt']}: {p['tok_per_s']:,.0f} tok/s, {p['TFLOPs']:.3g} TFLOP/s "
+                      f"= {p['pct_gemm_peak']:.0f}% of the measured GEMM ceiling.", ""]
+    bds = [r["breakdown"] for r in res["ours"] if r.get("breakdown", {}).get("kernel_ms")]
+    if bds:
+        cats = sorted({c for b in bds for c in b["categories_ms"]})
+        lines += ["Decode step at mid-call (ms; kernel times from torch.profiler, gaps = graph step - kernels):", "",
+                  "| rows | graph step | kernels | gaps | " + " | ".join(cats) + " |",
+                  "|---|---|---|---|" + "---|" * len(cats)]
+        lines += [f"| {b['rows']} | {b['graph_step_ms']:.2f} | {b['kernel_ms']:.2f} | "
+                  f"{b['graph_step_ms'] - b['kernel_ms']:.2f} | "
+                  + " | ".join(f"{b['categories_ms'].get(c, 0.0):.2f}" for c in cats) + " |" for b in bds]
+        lines += [""]
     if res["hf"]:
         lines += ["| transformers | rows x prompt/new | new tok/s | first call s |", "|---|---|---|---|"]
         lines += [f"| {h['cache']} | {h['rows']} x {h['prompt']}/{h['new']} | {h['new_tok_per_s']:,.0f} | "
                   f"{h['first_call_s']:.1f} |" for h in res["hf"]]
     if res["attention"]:
-        lines += ["", "Decode attention kernel alone (one layer, mean context; floor = valid K+V read once at the "
-                  "copy bandwidth):", "", "| rows x ctx | block_n | warps | stages | us | floor us | % floor |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {a['rows']} x {a['context']} | {a['block_n']} | {a['num_warps']} | {a['num_stages']} | "
-                  f"{a['ms'] * 1e3:.0f} | {a['floor_ms'] * 1e3:.0f} | {a['pct_floor']:.0f}% |"
-                  for a in res["attention"]]
+        labels = [lab for lab, _ in ATTN_VARIANTS]
+        lines += ["", "Decode attention alone (one layer, Qwen2.5-1.5B heads, ragged rows around the mean context, "
+                  "timed in a CUDA graph; floor = valid K+V read once at the copy bandwidth; SDPA = torch's, padded "
+                  "mask, GQA):", "",
+                  "| rows x ctx | keys/program | ours us | % floor | floor us | SDPA us | " + " | ".join(labels) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(labels)]
+        for a in res["attention"]:
+            sd = f"{a['sdpa_us']:.1f}" if a.get("sdpa_us") else "-"
+            lines.append(f"| {a['rows']} x {a['context']} | {a['split_size']} | {a['us']:.1f} | {a['pct_floor']:.0f}% | "
+                         f"{a['floor_us']:.1f} | {sd} | "
+                         + " | ".join(f"{a['variants'][lab]:.1f}" if lab in a["variants"] else "-" for lab in labels)
+                         + " |")
     lines += ["", f"Wall time {res['wall_s']:.0f} s."]
     text = "\n".join(lines) + "\n"
     (out / "bench_generate.md").write_text(text)
-    print("\n" + text)
+    if echo:
+        print("\n" + text)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ How a call runs
   4. On GPU each decode step is a CUDA graph, captured once per batch-size bucket (1, 2, 4, 8, 16, 32, 48, ...
      up to the slot count; padding rows are inert) and replayed: forward, attention over each row's valid KV
      (kernels/decode_attention.py), sampling (a fused Triton sampler; rows with top-k/top-p replay a
-     forward-only graph and sort outside it) and the state update, all on the device. The host looks at the
+     forward-only graph and sort outside it) and the state update, all on the device. The attention kernel also
+     appends the step's K/V to the cache (no separate cache-write kernels). The host looks at the
      device only every `sync_every` steps (to compact and admit; a finished row idles at most that many steps),
      so the GPU never waits for Python. The model around the attention ops is torch.compile'd (fuses norms,
-     RoPE, SwiGLU, residuals; `compile=`), falling back to eager if compilation fails.
+     RoPE, SwiGLU, residuals; `compile=`), falling back to eager, with a warning, if compilation fails
+     (`compile_fallback=False` raises instead). Every forward runs under torch.no_grad(), whatever the caller's
+     grad mode: the attention custom ops have no autograd formula.
 
 Guarantees
   - Greedy = argmax at every step (equal to transformers' greedy generate and to a full-recompute loop, up to
@@ -136,13 +139,14 @@ class Generator:
     def __init__(self, model: Transformer, vocab_size: int, kv_budget_tokens: int | None = None,
                  kv_memory_fraction: float = 0.5, prefill_tokens: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | None = None, sync_every: int | None = None,
-                 kernels: str | None = None):
+                 kernels: str | None = None, compile_fallback: bool = True):
         """model: our Transformer (any device/dtype). vocab_size: the tokenizer's real size (ids above it are masked).
 
         kv_budget_tokens: KV cache size in tokens (all rows x their slot length); default on GPU: kv_memory_fraction
           of the free memory left after a reserve for prefill activations; on CPU: whatever the call needs.
         prefill_tokens: padded tokens per prefill batch (bounds activation memory); default 32k GPU / 8k CPU.
-        cuda_graphs / compile: default on when the model is on CUDA. compile falls back to eager on failure.
+        cuda_graphs / compile: default on when the model is on CUDA. A compiler failure falls back to eager with a
+          warning (and sets `compile_error`), or raises with compile_fallback=False (benchmarks: no silent regression).
         sync_every: decode steps between host looks at the device; default 16 on GPU, 1 on CPU (syncs are free).
         kernels: "triton" | "torch" | None (kernels.get_backend(); "auto" = Triton on CUDA, the torch references on
           CPU even under TRITON_INTERPRET, which is for kernel tests — pass "triton" to run the interpreter).
@@ -160,6 +164,8 @@ class Generator:
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.compile = on_cuda if compile is None else compile
+        self.compile_fallback = compile_fallback
+        self.compile_error: str | None = None
         self.kv_budget_tokens = kv_budget_tokens
         self.kv_memory_fraction = kv_memory_fraction
         self.prefill_tokens = prefill_tokens or (32768 if on_cuda else 8192)
@@ -181,12 +187,8 @@ class Generator:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Completions ordered by (prompt_index, sample_index); n samples of a prompt share one prefill."""
         t0 = time.perf_counter()
-        requests, results = self._requests(prompts, params)
-        self.stats = dict(rows=len(results), prefill_s=0.0, prefill_tokens=0, prefill_padded_tokens=0,
-                          decode_steps=0, decode_row_steps=0, padded_row_steps=0, capture_s=0.0, admissions=0)
-        live = [r for r in requests if r.max_new > 0]
+        requests, results, live = self._start(prompts, params)
         if live:
-            self._prepare(live, len(results))
             self._run(live)
             self._collect(requests, results)
         if self.device.type == "cuda":
@@ -195,6 +197,18 @@ class Generator:
         self.stats["new_tokens"] = sum(len(c.token_ids) for c in results)
         self.last_stats = self.stats
         return results
+
+    @torch.no_grad()
+    def _start(self, prompts, params):
+        """Validate, reset the stats, size the cache: (requests, results, live requests). Also the benchmark's
+        entry point for driving single decode steps (benchmarks/bench_generate.py)."""
+        requests, results = self._requests(prompts, params)
+        self.stats = dict(rows=len(results), prefill_s=0.0, prefill_tokens=0, prefill_padded_tokens=0,
+                          decode_steps=0, decode_row_steps=0, padded_row_steps=0, capture_s=0.0, admissions=0)
+        live = [r for r in requests if r.max_new > 0]
+        if live:
+            self._prepare(live, len(results))
+        return requests, results, live
 
     def release(self) -> None:
         """Free the KV cache and the CUDA graphs (their memory returns to PyTorch's allocator)."""
@@ -260,6 +274,7 @@ class Generator:
         self.h_len = np.zeros(S, dtype=np.int64)  # prompt length
         self.h_max_new = np.zeros(S, dtype=np.int64)
         self.h_trunc = np.zeros(S, dtype=bool)  # row needs the top-k/top-p sampler
+        self.state.reset(0, S)  # every slot inert, even after a call that raised half-way
         self.B = 0
         self.stats.update(slots=S, slot_len=slot_len)
 
@@ -300,6 +315,7 @@ class Generator:
                 self.h_gen[:self.B] += 1  # an upper bound until _compact reads the device
             self._compact()
 
+    @torch.no_grad()
     def _admit(self, waiting: deque) -> None:
         t0 = self._now()
         st, lo = self.state, self.B
@@ -370,6 +386,7 @@ class Generator:
         self.stats["prefill_tokens"] += sum(lens)
         self.stats["prefill_padded_tokens"] += P * T
 
+    @torch.no_grad()
     def _compact(self) -> None:
         """Finished rows out (results saved), tail rows into the holes: live rows stay in slots 0..B-1."""
         B, st = self.B, self.state
@@ -410,6 +427,7 @@ class Generator:
 
     # -- one decode step ----------------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def _decode_step(self) -> None:
         B = self.B
         trunc = self.h_trunc[:B]
@@ -432,6 +450,7 @@ class Generator:
         if not fused:
             self._sample_and_advance(self.state.rows[:Bb], logits, truncate_rows)
 
+    @torch.no_grad()
     def _step_body(self, Bb: int, fused: bool):
         """Forward of slots 0..Bb-1 (+ fused sampling and state update when `fused`); graph-capturable."""
         st = self.state
@@ -485,21 +504,27 @@ class Generator:
         return self._prefill_fn(ids, positions, last, dst, src)
 
     def _maybe_compile(self, fn):
-        if not self.compile:
-            return fn
-        compiled = torch.compile(fn, dynamic=True)
+        """fn, compiled when self.compile. Every forward runs under no_grad whatever the caller's mode: the attention
+        custom ops have no autograd formula, and a compile traced with grad on would fail on them (and keep
+        activations for a backward that never comes)."""
+        compiled = torch.compile(fn, dynamic=True) if self.compile else None
 
+        @torch.no_grad()
         def call(*args):
-            if self.compile:
+            if self.compile and compiled is not None:
                 try:
                     return compiled(*args)
-                except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly, loudly
-                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); continuing eagerly")
+                except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly, loudly (or raise)
+                    if not self.compile_fallback:
+                        raise
+                    self.compile_error = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"torch.compile failed ({self.compile_error}); continuing eagerly")
                     self.compile = False
             return fn(*args)
 
         return call
 
+    @torch.no_grad()
     def _graph(self, Bb: int, fused: bool):
         """The CUDA graph of one decode step at bucket size Bb (captured on first use)."""
         key = (Bb, fused)

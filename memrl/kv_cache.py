@@ -11,8 +11,9 @@ gather, and the GPU kernel needs no slot table. Moving a row costs one read + wr
 Qwen2.5-1.5B shapes, ~25 us), once per finished row: noise next to the ~8 ms decode steps it saves.
 
 Writes: prefill stores each prompt's k/v into one or several slots (n samples of a prompt share one prefill and
-each gets a copy of the prefix: the fork); decode stores one token per row at its position via a flat index
-(`slot * Hkv + head) * slot_len + pos`. Positions past a row's length hold stale data that is never read.
+each gets a copy of the prefix: the fork); decode stores one token per row at its position: the Triton decode
+kernel does it inside attention (k_new / v_new), the CPU path via a flat index (`slot * Hkv + head) * slot_len +
+pos`. Positions past a row's length hold stale data that is never read.
 
 The two attention entry points are also registered as torch custom ops (`memrl::decode_attention`,
 `memrl::prefill_attention`) so torch.compile can fuse the rest of the model around them. They find their cache
@@ -97,15 +98,17 @@ class KVCache:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
 
     def decode_attention(self, layer: int, q, k, v, kv_index, lengths) -> torch.Tensor:
-        """q [B, Hq, 1, D], k/v [B, Hkv, 1, D] of the rows in slots 0..B-1; kv_index [B, Hkv] flat write rows;
+        """q [B, Hq, 1, D], k/v [B, Hkv, 1, D] of the rows in slots 0..B-1; kv_index [B, Hkv] flat write rows
+        (= slot b, position lengths[b]-1; the Triton kernel computes the same address itself);
         lengths [B] = position + 1 (the new token included). Returns [B, Hq, 1, D]."""
-        D = self.head_dim
-        self.k[layer].view(-1, D).index_copy_(0, kv_index.reshape(-1), k.reshape(-1, D))
-        self.v[layer].view(-1, D).index_copy_(0, kv_index.reshape(-1), v.reshape(-1, D))
         q1 = q[:, :, 0]
-        if self.use_triton:
-            out = decode_attention_triton(q1, self.k[layer], self.v[layer], lengths, self.scale)
+        if self.use_triton:  # the kernel appends the new K/V itself (one launch instead of three)
+            out = decode_attention_triton(q1, self.k[layer], self.v[layer], lengths, self.scale,
+                                          k_new=k[:, :, 0], v_new=v[:, :, 0])
         else:
+            D = self.head_dim
+            self.k[layer].view(-1, D).index_copy_(0, kv_index.reshape(-1), k.reshape(-1, D))
+            self.v[layer].view(-1, D).index_copy_(0, kv_index.reshape(-1), v.reshape(-1, D))
             out = decode_attention_torch(q1, self.k[layer], self.v[layer], lengths, self.scale, self.host_max_len)
         return out.unsqueeze(2)
 

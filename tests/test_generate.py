@@ -296,20 +296,25 @@ def test_compaction_with_uneven_lengths_matches_rows_alone(qwen2):
 def test_gpu_schedule_on_cpu(tmp_path, monkeypatch, kernels):
     """The GPU loop without a GPU: batches padded to graph buckets (inert rows), several steps between host syncs
     (finished rows linger and must not write), the capture's warm-up + undo before each new bucket, a KV budget
-    that queues rows. "triton" also runs the fused sampler inside the step, as the CUDA graph does."""
-    model = load_model(make_tiny_checkpoint(tmp_path, "qwen2", seed=8), dtype=torch.float32)
+    that queues rows. "triton" also runs the fused sampler inside the step, as the CUDA graph does.
+    On a machine with CUDA the same schedule runs there, eagerly (Triton's interpreter is only set up without a GPU,
+    and compiled Triton kernels cannot read CPU tensors)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(make_tiny_checkpoint(tmp_path, "qwen2", seed=8), dtype=torch.float32, device=device)
+    eager = dict(cuda_graphs=False, compile=False)  # the schedule is driven by the test hooks below, not by graphs
     prompts = ragged_prompts(8, [4, 13, 2, 8] if kernels == "torch" else [4, 9, 2])
     n_new = 10 if kernels == "torch" else 5
-    greedy_free = Generator(model, vocab_size=259).generate(prompts, SamplingParams(max_new_tokens=n_new, greedy=True))
+    greedy_free = Generator(model, vocab_size=259, kernels="torch", **eager).generate(
+        prompts, SamplingParams(max_new_tokens=n_new, greedy=True))
     stops = frozenset({greedy_free[1].token_ids[2]})
     params = [SamplingParams(max_new_tokens=n_new, greedy=True, stop_ids=stops),
               SamplingParams(max_new_tokens=n_new - 2, temperature=1.0, n=3, seed=4, stop_ids=stops),
               SamplingParams(max_new_tokens=1, temperature=0.8, seed=5)]
     if kernels == "torch":
         params.append(SamplingParams(max_new_tokens=n_new, temperature=0.7, top_k=20, top_p=0.9, n=2, seed=6))
-    want = Generator(model, vocab_size=259).generate(prompts, params)
+    want = Generator(model, vocab_size=259, kernels="torch", **eager).generate(prompts, params)
     budget = 5 * 32 if kernels == "torch" else 3 * 16  # 5 / 3 slots for 11 / 5 rows
-    gen = Generator(model, vocab_size=259, kernels=kernels, sync_every=3, kv_budget_tokens=budget)
+    gen = Generator(model, vocab_size=259, kernels=kernels, sync_every=3, kv_budget_tokens=budget, **eager)
     gen._pad_batches = gen._rehearse = True
     monkeypatch.setattr("memrl.generate._bucket", lambda n, cap: cap)  # the most padding: every step runs all slots
     got = gen.generate(prompts, params)
@@ -317,6 +322,48 @@ def test_gpu_schedule_on_cpu(tmp_path, monkeypatch, kernels):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
     assert max(abs(x - y) for p, q in zip(got, want) for x, y in zip(p.logprobs, q.logprobs)) <= 1e-5
+
+
+def test_every_entry_point_runs_without_autograd(qwen2):
+    """The benchmark drives _start/_admit/_decode_step directly, with grad on: the forward must still run under
+    no_grad (the attention custom ops have no autograd formula; a compile traced with grad on fails on them)."""
+    from collections import deque
+
+    assert any(p.requires_grad for p in qwen2.parameters())
+    grad_in_forward = []
+    hook = qwen2.register_forward_hook(lambda mod, args, out: grad_in_forward.append(torch.is_grad_enabled()))
+    gen = Generator(qwen2, vocab_size=259)
+    params = SamplingParams(max_new_tokens=4, seed=1)
+    try:
+        with torch.enable_grad():
+            _, _, live = gen._start(ragged_prompts(10, [3, 6]), params)
+            gen._admit(deque(live))
+            gen._compact()
+            gen._decode_step()
+            gen._compact()
+            gen.generate(ragged_prompts(10, [3, 6]), params)
+    finally:
+        hook.remove()
+    assert grad_in_forward and not any(grad_in_forward)
+    assert not gen.state.out_logp.requires_grad
+
+
+def test_compile_failure_falls_back_loudly_or_raises(qwen2, monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("simulated compiler failure")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    prompts, params = ragged_prompts(11, [4, 7]), SamplingParams(max_new_tokens=5, greedy=True)
+    want = Generator(qwen2, vocab_size=259).generate(prompts, params)
+    gen = Generator(qwen2, vocab_size=259, compile=True)
+    with pytest.warns(UserWarning, match="simulated compiler failure"):
+        got = gen.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert not gen.compile and "simulated" in gen.compile_error
+    with pytest.raises(RuntimeError, match="simulated"):
+        Generator(qwen2, vocab_size=259, compile=True, compile_fallback=False).generate(prompts, params)
 
 
 @pytest.mark.slow

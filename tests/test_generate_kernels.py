@@ -48,6 +48,62 @@ def test_decode_attention_matches_float64(B, S, Hq, Hkv, T, D, dtype, splits):
     assert rel_err(decode_attention_triton(q, k2, v2, lengths, D ** -0.5, num_splits=splits), ref) < tol
 
 
+# ragged rows around the chunk boundaries: B, Hq, Hkv (group 6 / 8 / 1), T, D, dtype, split_size, block_n, lengths
+SPLIT_CASES = [
+    (7, 12, 2, 200, 128, torch.bfloat16, 64, 64, [1, 63, 64, 65, 127, 129, 200]),
+    (5, 8, 1, 130, 64, torch.float32, 64, 32, [1, 2, 64, 65, 130]),
+    (4, 4, 4, 100, 32, torch.float32, 32, 16, [31, 32, 33, 100]),
+    (2, 12, 2, 1500, 128, torch.bfloat16, None, 64, [1500, 1337]),  # long context, plan_split's choice
+]
+
+
+@pytest.mark.parametrize("append", [False, True])
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,dtype,split_size,block_n,lengths", SPLIT_CASES)
+def test_decode_attention_split_boundaries(B, Hq, Hkv, T, D, dtype, split_size, block_n, lengths, append):
+    """float64 reference; with append the kernel also writes the new K/V at position len-1 (read from registers:
+    that cache entry is NaN before the call) and leaves every other cache entry untouched."""
+    g = torch.Generator().manual_seed(T + D)
+    q = torch.randn(B, Hq, D, generator=g).to(DEV, dtype)
+    k = torch.randn(B + 1, Hkv, T, D, generator=g).to(DEV, dtype)
+    v = torch.randn(B + 1, Hkv, T, D, generator=g).to(DEV, dtype)
+    lens = torch.tensor(lengths, device=DEV)
+    k_new = torch.randn(B, Hkv, D, generator=g).to(DEV, dtype)
+    v_new = torch.randn(B, Hkv, D, generator=g).to(DEV, dtype)
+    k_ref, v_ref = k.clone(), v.clone()
+    if append:
+        rows = torch.arange(B, device=DEV)
+        k_ref[rows, :, lens - 1], v_ref[rows, :, lens - 1] = k_new, v_new
+    ref = decode_attention_torch(q.double(), k_ref[:B].double(), v_ref[:B].double(), lens, D ** -0.5)
+    for b in range(B):  # nothing at or past a row's end may be read (position len-1 only when appending)
+        k[b, :, lens[b] - int(append):] = float("nan")
+        v[b, :, lens[b] - int(append):] = float("nan")
+    k_want, v_want = k.clone(), v.clone()
+    kw = dict(k_new=k_new, v_new=v_new) if append else {}
+    out = decode_attention_triton(q, k, v, lens, D ** -0.5, split_size=split_size, block_n=block_n, **kw)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    if append:
+        k_want[rows, :, lens - 1], v_want[rows, :, lens - 1] = k_new, v_new
+    assert torch.equal(k.nan_to_num(7.0), k_want.nan_to_num(7.0))
+    assert torch.equal(v.nan_to_num(7.0), v_want.nan_to_num(7.0))
+
+
+def test_plan_split_follows_the_h100_measurements(monkeypatch):
+    """One chunk per (row, kv head) wherever the H100 table in kernels/decode_attention.py measured it fastest;
+    a split (chunks of >= MIN_SPLIT keys, multiples of the tile, ~one program per SM) only for few rows x long slots."""
+    import kernels.decode_attention as da
+
+    monkeypatch.setattr(da, "_sm_count", lambda device: 132)  # H100
+    cpu = torch.device("cpu")
+    for B, T in [(64, 768), (64, 1536), (256, 768), (256, 1536), (512, 768), (512, 1536), (64, 32768), (33, 8192),
+                 (8, 1920), (1, 100)]:
+        assert da.plan_split(B, 2, T, cpu) == -(-T // 64) * 64, (B, T)  # the whole slot: 1 split
+    for B, T in [(8, 4992), (16, 4992), (1, 32768), (32, 2048)]:
+        s = da.plan_split(B, 2, T, cpu)
+        splits = -(-T // s)
+        assert s % 64 == 0 and s >= da.MIN_SPLIT and 1 < splits and B * 2 * splits <= 2 * 132, (B, T, s)
+    assert da.plan_split(4, 2, 256, cpu, num_splits=2) == 128
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_sampler_equals_reference(dtype):
     g = torch.Generator().manual_seed(0)
