@@ -12,7 +12,10 @@ advantage (DrGRPO, per trajectory, broadcast to every generated token of every t
 [old / reference log-probs] -> loss (dual-clip PPO + KL, one token-mean over the global batch, micro-batched) ->
 AdamW step -> log -> [eval] -> [checkpoint]. Each stage is one section below.
 Determinism: one seed (train.seed); rollout seeds derive from (seed, step, problem, turn, sample), the data order
-from (seed, epoch). With fp32 weights on CPU, --resume reproduces an uninterrupted run bit for bit.
+from (seed, epoch). On CPU, --resume reproduces an uninterrupted run bit for bit (fp32, or bf16 compute over fp32
+masters: the checkpoint keeps the masters, memrl/checkpoint.py).
+Precision: model.dtype is the compute dtype. bfloat16 trains fp32 master weights (FSDP2 mixed precision, on one
+process too) and rolls out on a bf16 copy; float32 on one process is plain PyTorch, no process group.
 Several processes (torchrun, memrl/distributed.py): the weights are FSDP2-sharded; every rank rolls out its own
 slice of each step's problems (all G samples of a problem on one rank, so group advantages stay local) with the
 weights gathered once per step, trains on its slice, and the token-mean, the gradient norm and every logged number
@@ -20,6 +23,7 @@ are global (summed / maxed over ranks). Rank 0 alone writes metrics, config and 
 """
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluate import eval_episodes, evaluate_policy, resolve_policy
+from evaluate import episode_score, eval_episodes, evaluate_policy, resolve_policy
 from memrl import synthetic
 from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
                         pack_turns, policy_loss, response_logprobs)
@@ -37,11 +41,10 @@ from memrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from memrl.config import RUN_CONFIG_NAME, ConfigError, describe, parse_cli, save_config
 from memrl.distributed import (all_reduce_max, all_reduce_sum, broadcast_object, clip_grad_norm, gathered_for_rollout,
                                init_distributed, is_sharded, max_over_ranks, print0, rollout_view, shard_model,
-                               sum_over_ranks)
+                               shutdown, sum_over_ranks)
 from memrl.episodes import Episode, load_episodes
 from memrl.generate import Generator
 from memrl.hf_io import load_model, resolve_checkpoint
-from memrl.reward import score
 from memrl.rollout import Sampling, concat, derive_seed, rollout
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
@@ -57,14 +60,18 @@ except ConfigError as e:
 if "-h" in argv or "--help" in argv:
     print(__doc__ + "\nConfig (preset " + cfg.preset + ", after overrides):\n" + describe(cfg))
     sys.exit(0)
-dist_info = init_distributed(cfg.train.device)  # rank / world size / device, from torchrun's env (1 process: none)
+dtype = getattr(torch, cfg.model.dtype)  # the COMPUTE dtype; the trained (master) weights are fp32 under FSDP
+# FSDP2 whenever there are several processes or a low-precision compute dtype: its mixed precision keeps fp32 master
+# weights (AdamW at lr 1e-6 would round nearly every bf16 update away) under a bf16 compute copy. One bf16 process
+# gets a single-rank process group, so 1 and N GPUs run the same code. fp32 on one process: no group, no FSDP.
+fsdp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or dtype != torch.float32
+dist_info = init_distributed(cfg.train.device, single_rank_group=fsdp)  # rank / world size / device (torchrun's env)
 rank, world = dist_info.rank, dist_info.world_size
 if cfg.train.batch_size % world:
     sys.exit(f"error: train.batch_size={cfg.train.batch_size} is not divisible by the {world} processes: each rank "
              f"rolls out an equal slice of the step's problems")
 per_rank = cfg.train.batch_size // world  # problems this rank rolls out and trains on per step
 device = dist_info.device
-dtype = getattr(torch, cfg.model.dtype)
 run_dir = Path(cfg.train.run_dir)
 run_dir.mkdir(parents=True, exist_ok=True)
 if dist_info.is_main:
@@ -84,25 +91,26 @@ def sync() -> None:
 
 # ----------------------------------------------------------------------------- model, reference, tokenizer
 policy_path = resolve_checkpoint(resolve_policy(cfg.model.path))  # "" = assets/synthetic-policy
-policy = load_model(policy_path, dtype=dtype, device=device)
+policy = load_model(policy_path, dtype=torch.float32 if fsdp else dtype, device=device)  # fp32 masters under FSDP
 policy.gradient_checkpointing = cfg.model.gradient_checkpointing
 tokenizer = Tokenizer.from_pretrained(policy_path)
 ref = None
 if cfg.algo.kl_coef > 0:  # the frozen reference: the starting weights unless model.ref_path says otherwise
     ref = load_model(resolve_policy(cfg.model.ref_path) if cfg.model.ref_path else policy_path, dtype=dtype,
                      device=device).eval().requires_grad_(False)
-if world > 1:  # FSDP2 from outside the model: bf16 compute + fp32 grad reduction for bf16 weights, else as loaded
-    param_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
-    shard_model(policy, param_dtype)
+if fsdp:  # FSDP2 from outside the model: fp32 shards (masters), `dtype` compute copy, fp32 gradient reduction
+    shard_model(policy, dtype if dtype != torch.float32 else None)
     if ref is not None:
-        shard_model(ref, param_dtype)  # sharded too; no optimizer, never a gradient
-rollout_model = rollout_view(policy)  # the policy itself on one process; a hook-free view of gathered weights on N
+        shard_model(ref, None)  # loaded in the compute dtype, no master (no optimizer, never a gradient)
+# the policy itself without FSDP; else a hook-free view with persistent compute-dtype weights at fixed addresses,
+# refreshed from the masters before each rollout (the generator's CUDA graphs stay valid: memrl/distributed.py)
+rollout_model = rollout_view(policy)
 with gathered_for_rollout(policy, rollout_model) as gen_model:
-    generator = Generator(gen_model, tokenizer.vocab_size)  # generates with the live policy weights, no copy
+    generator = Generator(gen_model, tokenizer.vocab_size)  # generates with the live policy weights
 templates = Templates.from_config(cfg.rollout)
 sampling = Sampling.from_config(cfg.rollout)
-print0(f"policy {policy_path} ({policy.num_params() / 1e6:.2f}M params, {cfg.model.dtype}, {device}"
-       f"{f', FSDP2 over {world} processes' if world > 1 else ''}); "
+print0(f"policy {policy_path} ({policy.num_params() / 1e6:.2f}M params, {cfg.model.dtype} compute, {device}"
+       f"{f', FSDP2 over {world} process(es), fp32 masters' if fsdp else ''}); "
        f"reference: {'yes' if ref is not None else 'none (kl_coef = 0)'}")
 
 # ----------------------------------------------------------------------------- data
@@ -142,7 +150,8 @@ def next_problems(cursor: int, n: int) -> tuple[list[Episode], int]:
 
 
 def reward_of(traj) -> float:
-    return score(traj.final_text, traj.episode.answer, traj.episode.metadata.get("reward_kind", cfg.data.reward_kind))
+    """The verifier against every reference answer (QA: max F1 over them), exactly as evaluate.py scores."""
+    return episode_score(traj.final_text, traj.episode, cfg.data.reward_kind)
 
 
 def any_rank(flag: bool) -> bool:
@@ -205,7 +214,7 @@ DUMMY = pack_turns([TurnRecord([0], [0], [0.0], trajectory_id=0, group_id=0, tur
 
 
 # ----------------------------------------------------------------------------- training loop
-last_eval = run_eval(0) if start_step == 0 else {}
+last_eval = run_eval(0) if start_step == 0 and cfg.train.eval_at_start else {}
 pbar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="train",
             disable=not dist_info.is_main, dynamic_ncols=True)
 for step in pbar:
@@ -357,7 +366,7 @@ for step in pbar:
         last_eval = run_eval(step + 1)
     if done or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
         save_checkpoint(run_dir, step + 1, policy, optimizer, scheduler, data_state={"cursor": cursor}, config=cfg,
-                        keep_last=cfg.train.keep_last, tokenizer_dir=policy_path)
+                        keep_last=cfg.train.keep_last, tokenizer_dir=policy_path, export_dtype=dtype)
     postfix = {"reward": f"{row['reward']:.3f}", "acc": f"{row['accuracy']:.2f}",
                "kl": f"{row['kl']:.4f}" if "kl" in row and ref is not None else "n/a", "s/step": f"{step_s:.1f}"}
     postfix.update({k.replace("accuracy/", "eval_"): f"{v:.2f}" for k, v in last_eval.items()
@@ -365,3 +374,4 @@ for step in pbar:
     pbar.set_postfix(postfix)
 pbar.close()
 print0(f"done: {max_steps} steps; metrics in {metrics_path}; checkpoints in {run_dir / 'checkpoints'}")
+shutdown()

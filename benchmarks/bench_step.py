@@ -72,7 +72,8 @@ EPOCHS = 10  # paper A.1
 PAPER_STEP_S = 90.0  # the paper's 1.5B run: ~30 h for 10 epochs on 2 x A100
 SPEC_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 # NVLink multicast stays off on the lent machines (device README); the child inherits these, never unsets them.
-CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # update activations vary per micro-batch
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML with a fixed system turn, about as long as the one Qwen2.5-Math-Instruct's template adds
 CHAT_TEMPLATE = (
@@ -99,8 +100,11 @@ TINY = dict(
 )
 # name -> preset, shape, default steps (incl. the warm-up) and child timeout; `both` must fit ~9 min on 2 x H200
 MODELS = {
-    "1.5b": dict(preset="paper-1.5b", shape=QWEN25_1P5B, steps=3, timeout_s=220, dtype="bfloat16", extra=[]),
-    "4b": dict(preset="paper-4b", shape=QWEN3_4B, steps=2, timeout_s=280, dtype="bfloat16", extra=[]),
+    "1.5b": dict(preset="paper-1.5b", shape=QWEN25_1P5B, steps=3, timeout_s=210, dtype="bfloat16", extra=[]),
+    # 4B: 16k-token micro-batches need activation checkpointing to fit next to the generator's KV cache (measured:
+    # without it, OOM in the first update on 2 x H200, 2026-11-21)
+    "4b": dict(preset="paper-4b", shape=QWEN3_4B, steps=2, timeout_s=300, dtype="bfloat16",
+               extra=["--model.gradient_checkpointing=true"]),
     "tiny": dict(preset="paper-1.5b", shape=TINY, steps=3, timeout_s=600, dtype="float32",
                  extra=["--model.dtype=float32", "--train.device=cpu", "--train.batch_size=4",
                         "--rollout.group_size=2", "--rollout.memory_cap_tokens=8", "--rollout.response_max_tokens=8",
@@ -328,7 +332,7 @@ def train_command(model: str, ckpt: Path, episodes: Path, run_dir: Path, nproc: 
            f"--data.train_path={episodes}", f"--data.eval_path={episodes}",
            f"--data.eval_limit={max(2, nproc)}",  # train.py evaluates before step 1: keep that short
            "--data.shuffle=false", f"--train.max_steps={steps}", "--train.eval_every=0", "--train.save_every=0",
-           "--train.log_every=1", f"--train.run_dir={run_dir}"]
+           "--train.log_every=1", "--train.eval_at_start=false", f"--train.run_dir={run_dir}"]
     if ignore_eos_supported():
         cmd.append("--rollout.ignore_eos=true")
     return cmd + spec["extra"] + passthrough

@@ -13,8 +13,18 @@ directories are removed by the next save.
 
 One writer per run directory (rank 0): a save removes any temp directory it finds under checkpoints/.
 
-Exact resume holds when the weights are saved in the dtype they train in (fp32 on CPU): the safetensors round trip
-is then bitwise, and so is every other piece of state here.
+Weights and dtypes. The trained weights are the fp32 masters (memrl/distributed.py: with model.dtype=bfloat16 the
+policy is FSDP2-wrapped, its shards fp32, the compute copy bf16). Two consumers, two needs:
+- the HF export (config.json + model.safetensors) is what users, evaluate.py and transformers load: it holds the
+  masters cast to the compute dtype (`export_dtype`, model.dtype: bf16 for the paper presets; half the bytes of
+  fp32, and the dtype the model is run in anyway);
+- exact resume needs the fp32 masters bit for bit (the optimizer state alone cannot restore them from a bf16
+  export). So when the export dtype differs from the masters' dtype, trainer_state.pt also stores the full fp32
+  masters (`master_weights`, keyed like the model's state dict), and a resume loads them instead of the export.
+  Cost: 4 more bytes per parameter on disk (export 2 + masters 4 + Adam moments 8). Chosen over exporting fp32
+  because the directory users load stays the model's own dtype and size.
+When the weights train in the dtype they are exported in (fp32 on CPU), there is no `master_weights`: the
+safetensors round trip is bitwise. Either way every other piece of state here round-trips exactly.
 FSDP (torchrun, world size > 1): call save_checkpoint / load_checkpoint on EVERY rank; they are collectives.
 - Weights: gathered into one full state dict on rank 0 (memrl.distributed.full_state_dict), written as ONE HF
   checkpoint, so evaluate.py and transformers read it whatever the world size it was trained at.
@@ -135,11 +145,14 @@ def save_checkpoint(
     tokenizer_dir: str | os.PathLike | None = None,
     model_state_dict: dict[str, torch.Tensor] | None = None,
     extra: dict | None = None,
+    export_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`. Returns its directory.
 
     data_state: e.g. {"epoch": 3, "position": 128, "permutation_seed": 1234} (ints/floats/str/lists only).
     config: a memrl.config.Config (saved as run_config.json). extra: more weights_only-safe state for the trainer.
+    export_dtype: the HF export's dtype (None: the weights' own); when it differs from the weights' dtype the
+    weights themselves go to trainer_state.pt as `master_weights` (see the module docstring).
     An FSDP-sharded model: call on every rank (gathers weights, optimizer state and RNG states to rank 0, which
     writes; the others wait at a barrier and return the same path).
     """
@@ -147,7 +160,8 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     world = distributed.world_size()
     optimizer_state = None
-    if distributed.is_sharded(model):  # collectives first, on every rank
+    sharded = distributed.is_sharded(model)
+    if sharded:  # collectives first, on every rank
         model_state_dict = distributed.full_state_dict(model)
         optimizer_state = distributed.full_optimizer_state_dict(model, optimizer) if optimizer is not None else None
     elif optimizer is not None:
@@ -156,16 +170,23 @@ def save_checkpoint(
     if distributed.rank() != 0:
         distributed.barrier()  # rank 0 writes
         return final
+    masters = None
+    if export_dtype is not None:
+        full = model_state_dict if model_state_dict is not None else distributed.full_state_dict(model)
+        if any(v.dtype != export_dtype for v in full.values()):
+            masters = {k: v.detach().cpu().contiguous() for k, v in full.items()}
+            model_state_dict = {k: v.to(export_dtype) for k, v in masters.items()}
     try:
         return _write(final, run_dir, step, model, optimizer_state, scheduler, data_state, config, keep_last,
-                      tokenizer_dir, model_state_dict, extra, world, rngs)
+                      tokenizer_dir, model_state_dict, extra, world, rngs, masters)
     finally:
-        if world > 1:
+        if world > 1 or sharded:
             distributed.barrier()
 
 
 def _write(final: Path, run_dir, step, model, optimizer_state, scheduler, data_state, config, keep_last,
-           tokenizer_dir, model_state_dict, extra, world: int, rngs: list | None) -> Path:
+           tokenizer_dir, model_state_dict, extra, world: int, rngs: list | None,
+           masters: dict[str, torch.Tensor] | None = None) -> Path:
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".*tmp-*"):  # left by a crash mid-save (ours, or hf_io's own temp dirs)
@@ -184,6 +205,8 @@ def _write(final: Path, run_dir, step, model, optimizer_state, scheduler, data_s
         }
         if rngs is not None:
             state["rng_per_rank"] = rngs
+        if masters is not None:
+            state["master_weights"] = masters
         torch.save(state, tmp / STATE_FILE)
         if config is not None:
             save_config(config, tmp / CONFIG_FILE)
@@ -218,7 +241,7 @@ def load_checkpoint(
     (`path` matters on rank 0 only) and the rest arrives by broadcast. Refuses a checkpoint of another world size.
     """
     world = distributed.world_size()
-    if world == 1:
+    if world == 1 and not (model is not None and distributed.is_sharded(model)):
         return _load_local(Path(path), model, optimizer, scheduler, restore_rng)
     state, error = None, None
     if distributed.rank() == 0:
@@ -234,22 +257,30 @@ def load_checkpoint(
     if model is not None:
         weights = {}
         if distributed.rank() == 0:
-            ref = next(model.parameters())
-            weights = hf_io.load_model(Path(path), dtype=ref.dtype, device="cpu").state_dict()
-            weights.pop("inv_freq", None)
+            weights = _weights(Path(path), state, next(model.parameters()).dtype, "cpu")
         distributed.load_full_state_dict(model, weights)
     if optimizer is not None:
         full = state["optimizer"] if state is not None else {}
         distributed.load_full_optimizer_state_dict(model, optimizer, full)
     small = None
     if distributed.rank() == 0:  # everything but the big tensors travels as one pickled object
-        small = {k: v for k, v in state.items() if k != "optimizer"}
+        small = {k: v for k, v in state.items() if k not in ("optimizer", "master_weights")}
     small = distributed.broadcast_object(small)
     if scheduler is not None:
         scheduler.load_state_dict(small["scheduler"])
     if restore_rng:
-        set_rng_state(small["rng_per_rank"][distributed.rank()])
+        set_rng_state(small.get("rng_per_rank", [small["rng"]])[distributed.rank()])  # world 1: "rng" only
     return small
+
+
+def _weights(path: Path, state: dict, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """The weights to resume from, in `dtype`: the fp32 masters when the checkpoint stored them (its export is in a
+    lower precision), else the HF export."""
+    if state.get("master_weights") is not None:
+        return {k: v.to(device=device, dtype=dtype) for k, v in state["master_weights"].items()}
+    weights = hf_io.load_model(path, dtype=dtype, device=device).state_dict()
+    weights.pop("inv_freq", None)
+    return weights
 
 
 def _world_message(path, saved: int, world: int) -> str:
@@ -273,8 +304,7 @@ def _load_local(path: Path, model, optimizer, scheduler, restore_rng: bool) -> d
         raise ValueError(_world_message(path, state["world_size"], 1))
     if model is not None:
         ref = next(model.parameters())
-        loaded = hf_io.load_model(path, dtype=ref.dtype, device=ref.device)
-        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.load_state_dict(_weights(path, state, ref.dtype, ref.device), strict=True)
     if optimizer is not None:
         if state["optimizer"] is None:
             raise ValueError(f"{path}: checkpoint has no optimizer state")

@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelCfg:
     path: str = ""  # HF checkpoint dir or hub id; "" = the repo's built-in synthetic starting policy
-    dtype: str = "float32"  # fp32 on CPU keeps resume bitwise exact; the paper presets train in bfloat16
+    dtype: str = "float32"  # the COMPUTE dtype. bfloat16 (paper presets): fp32 master weights + AdamW state, bf16
+    # forward/backward and rollout (FSDP2 mixed precision, also on one process); float32: everything fp32
     ref_path: str = ""  # frozen KL reference; "" = the starting weights (`path`), as in verl/MemAgent
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
 
@@ -147,6 +148,7 @@ class TrainCfg:
     max_steps: int = 0  # 0 = as many as `epochs` passes over the data take
     micro_batch_tokens: int = 16384  # packed rows per forward/backward; bounds activation memory
     eval_every: int = 0  # steps between held-out evaluations; 0 = only before and after training
+    eval_at_start: bool = True  # evaluate the starting policy before step 1 (benchmarks turn it off)
     save_every: int = 50  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted after a successful save)
     log_every: int = 1  # steps between metrics.jsonl lines

@@ -6,15 +6,19 @@ process group: every helper below is then the identity (or the plain single-proc
 
 FSDP2 (`fully_shard`) is applied from outside the model, torchtitan-style: each decoder block is its own unit (its
 parameters are all-gathered just before it runs and freed after), then the root takes what is left (embeddings,
-final norm, lm_head). With bf16 weights the parameters compute in bf16 and gradients are reduce-scattered in fp32;
-with fp32 weights (CPU/gloo tests) everything stays fp32.
+final norm, lm_head). Mixed precision: the policy is loaded in fp32 and its shards are the fp32 MASTER weights
+(AdamW and its moments are fp32: a 1e-6-lr update is not rounded away as it would be in bf16); FSDP all-gathers a
+compute copy in model.dtype (bf16) and reduce-scatters the gradients in fp32. A bf16 run on ONE process takes the
+same path over a single-rank process group (init_distributed(single_rank_group=True)). A plain fp32 run on one
+process (the CPU default) has no process group and no FSDP at all.
 
 Invariants:
 - Everything that enters a token-mean (the global response-token count) is summed over ranks with `all_reduce_sum`,
   so the loss of N ranks x their slices equals the loss of one rank over the whole batch.
 - FSDP forward/backward passes are collectives: every rank must run the same number of them (train.py pads with
   zero-weight dummy micro-batches). Generation is NOT a collective: it runs on `rollout_view`, a hook-free copy of
-  the module tree whose parameters are the gathered tensors, so ranks may generate different amounts.
+  the module tree with its own persistent compute-dtype weights (refreshed from the masters before each rollout,
+  at fixed addresses so the generator's CUDA graphs stay valid), so ranks may generate different amounts.
 """
 from __future__ import annotations
 
@@ -38,8 +42,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's environment; start NCCL (GPU) or gloo (CPU) when the world has more than one process."""
+def init_distributed(device: str = "auto", single_rank_group: bool = False) -> DistInfo:
+    """Read torchrun's environment; start NCCL (GPU) or gloo (CPU) when the world has more than one process.
+
+    single_rank_group: on ONE process, start a process group of one rank anyway (an in-memory HashStore, no
+    rendezvous), so that the model can be FSDP2-wrapped for its mixed precision (fp32 masters, bf16 compute):
+    one process and N processes then run the same code path. world_size() is 1 either way."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,9 +57,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(backend, device_id=dev if use_cuda else None)
+    elif world == 1 and single_rank_group and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=dev if use_cuda else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    """Destroy the process group, if any (end of training)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
@@ -129,7 +147,8 @@ def barrier() -> None:
 def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = torch.bfloat16) -> torch.nn.Module:
     """FSDP2: `fully_shard` each decoder block, then the root. fp32 gradient reduction keeps small updates exact.
 
-    param_dtype None: compute in the weights' own dtype (fp32 on CPU). The root keeps its parameters gathered from
+    param_dtype: the compute dtype of the all-gathered copy (bf16 over fp32 masters); None: compute in the weights'
+    own dtype (fp32 on CPU; the frozen bf16 reference, which has no optimizer and needs no master). The root keeps its parameters gathered from
     forward to backward (reshard_after_forward=False): the loss calls `model.output_weight()` (lm_head) outside the
     forward, which must see the gathered tensor, and the backward needs those parameters again right away.
     Gradients are summed over ranks, not averaged (see the divide factor below).
@@ -166,17 +185,36 @@ def _units(model: torch.nn.Module) -> list:
 
 
 def rollout_view(model: torch.nn.Module) -> torch.nn.Module:
-    """The module the generator runs: the model itself when unsharded; for an FSDP model, a plain copy of its module
-    tree (built on the meta device, no memory) whose parameters `gathered_for_rollout` points at the gathered
-    tensors. Why not generate with the FSDP module itself: its forward hooks make stream waits and collectives,
-    which must not run inside a CUDA-graph capture, and would make generation a collective (ranks generate
-    different amounts). Valid only inside `gathered_for_rollout`; outside it the parameters are freed storage."""
+    """The module the generator runs: the model itself when unsharded; for an FSDP model, a plain (hook-free) copy
+    of its module tree that owns PERSISTENT full-size parameter buffers in the compute dtype, which
+    `gathered_for_rollout` refreshes from the sharded masters before each rollout.
+
+    Why a hook-free copy: the FSDP module's forward hooks make stream waits and collectives, which must not run
+    inside a CUDA-graph capture, and would make generation a collective (ranks generate different amounts).
+    Why persistent buffers: FSDP2's unshard() allocates the gathered parameters anew each time, and the generator
+    keys its CUDA graphs (and torch.compile's guards) on the weights' addresses (memrl/generate.py `_prepare`:
+    `p.data_ptr() for p in model.parameters()`), so generating on freshly gathered tensors would recapture every
+    graph every step. The view's parameter tensors are allocated once (on the first refresh, like the gathered
+    ones) and only ever written in place: same objects, same data_ptr, new values.
+    Cost: one full copy of the model in the compute dtype per rank, for the whole run (2 bytes/param in bf16:
+    3.1 GB for 1.5B params, 8 GB for 4B), i.e. what FSDP would hold gathered during the rollout anyway, but also
+    held through the update. Buffers (RoPE inv_freq) are shared with the model, not copied."""
     if not is_sharded(model):
         return model
     with torch.device("meta"):
         view = _plain_class(model)(model.config)
-    view.inv_freq = model.inv_freq  # a buffer: FSDP leaves it whole on every rank
+    for name, buf in model.named_buffers():  # whole on every rank: FSDP shards parameters only
+        mod, _, leaf = name.rpartition(".")
+        view.get_submodule(mod)._buffers[leaf] = buf
     view.eval().requires_grad_(False)
+    # which FSDP unit owns each parameter (the deepest unit whose prefix it has): refreshed one unit at a time
+    prefixes = {id(m): n for n, m in model.named_modules()}
+    units = sorted(_units(model), key=lambda u: -len(prefixes[id(u)]))
+    owned: dict[int, list[str]] = {id(u): [] for u in units}
+    for name, _ in model.named_parameters():
+        unit = next(u for u in units if prefixes[id(u)] == "" or name.startswith(prefixes[id(u)] + "."))
+        owned[id(unit)].append(name)
+    view._memrl_units = [(u, owned[id(u)]) for u in units if owned[id(u)]]
     return view
 
 
@@ -187,26 +225,35 @@ def _plain_class(model: torch.nn.Module) -> type:
     return next(c for c in type(model).__mro__[1:] if c is not FSDPModule and not issubclass(c, FSDPModule))
 
 
+@torch.no_grad()
+def refresh_rollout_view(model: torch.nn.Module, view: torch.nn.Module) -> None:
+    """Copy the current weights into `view`'s persistent buffers, one FSDP unit at a time: unshard (all-gather, in
+    the compute dtype), copy_, reshard at once. Peak extra memory: one unit's gathered parameters (the largest is
+    the root: embeddings + lm_head), not the whole gathered model. Collective: call on every rank."""
+    for unit, names in view._memrl_units:
+        unit.unshard()
+        for name in names:
+            mod, _, leaf = name.rpartition(".")
+            gathered = model.get_submodule(mod)._parameters[leaf]  # the unsharded tensor now, not the DTensor shard
+            slot = view.get_submodule(mod)._parameters
+            if slot[leaf] is None or slot[leaf].is_meta:  # first refresh: allocate, once and for all
+                slot[leaf] = torch.nn.Parameter(torch.empty_like(gathered), requires_grad=False)
+            slot[leaf].copy_(gathered)
+        unit.reshard()
+
+
 @contextmanager
 def gathered_for_rollout(model: torch.nn.Module, view: torch.nn.Module | None = None):
-    """Unshard every FSDP unit once (one all-gather per unit) and keep it gathered for the whole rollout (hundreds
-    of forwards), instead of an all-gather per block per decode step; point `view` (rollout_view(model)) at the
-    gathered tensors; reshard afterwards to give the memory back. Collective on entry: call on every rank."""
+    """The model to generate with, holding the current weights: the model itself when unsharded; for an FSDP model
+    `view` (rollout_view(model), required) after refresh_rollout_view. Nothing stays gathered inside the block (the
+    view owns its memory), so there is nothing to release on exit. Collective on entry: call on every rank."""
     if not is_sharded(model):
         yield model
         return
-    units = _units(model)
-    for m in units:
-        m.unshard()
-    if view is not None:
-        for name, p in model.named_parameters():  # the gathered (unsharded) parameters now, not DTensors
-            mod, _, leaf = name.rpartition(".")
-            view.get_submodule(mod)._parameters[leaf] = p
-    try:
-        yield view if view is not None else model
-    finally:
-        for m in units:
-            m.reshard()
+    if view is None:
+        raise ValueError("gathered_for_rollout: an FSDP model needs its rollout_view(model)")
+    refresh_rollout_view(model, view)
+    yield view
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -230,15 +230,60 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def sdpa_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-    """Default attention: q [B, Hq, T, D], k/v [B, Hkv, S, D], bool mask [B, 1, T, S] (True = attend) or causal."""
+class Packed(NamedTuple):
+    """One packed row [1, T] of contiguous sequences, laid out for attention (see packed_layout)."""
+    lengths: tuple[int, ...]  # each sequence's length, in order
+    gather: torch.Tensor | None  # [S * L] token index of each slot of the padded [S, L] layout (pads -> 0); None: loop
+    scatter: torch.Tensor | None  # [T] slot of each token in that layout
+
+
+def sdpa_attention(q, k, v, mask: torch.Tensor | Packed | None) -> torch.Tensor:
+    """Default attention: q [B, Hq, T, D], k/v [B, Hkv, S, D]. `mask` is None (causal), a bool mask [B, 1, T, S]
+    (True = attend), or a Packed layout of one packed row: causal attention inside each sequence."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # GQA: each kv head serves `groups` query heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if isinstance(mask, Packed):
+        if mask.gather is None:  # lengths too uneven to pad: one causal call per sequence
+            return torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True) for qs, ks, vs in
+                              zip(q.split(mask.lengths, 2), k.split(mask.lengths, 2), v.split(mask.lengths, 2))], 2)
+        S, L = len(mask.lengths), max(mask.lengths)
+
+        def to_padded(x):  # [1, H, T, D] -> [S, H, L, D], each sequence right-padded to L
+            return x[0].index_select(1, mask.gather).view(x.shape[1], S, L, x.shape[-1]).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(to_padded(q), to_padded(k), to_padded(v), is_causal=True)
+        return out.transpose(0, 1).reshape(q.shape[1], S * L, q.shape[-1]).index_select(1, mask.scatter)[None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def packed_layout(seq_ids: torch.Tensor) -> Packed | None:
+    """The layout of ONE packed row [1, T] whose ids form contiguous runs (how memrl.algo.pack_turns packs), else
+    None (the dense mask handles any layout). Why: a block-diagonal [T, T] mask over a 16k-token micro-batch costs
+    T^2 attention FLOPs and memory, almost all across sequences that never see each other. Instead the sequences are
+    right-padded into a [S, L] batch and take ONE causal (flash) call per layer: causal + right padding is exact for
+    the real tokens, whose keys all come before the pads. Padding wastes (S*L - T) slots, so when lengths are very
+    uneven (S*L > 2T) it loops over the sequences instead (exact too, one call each)."""
+    if seq_ids.shape[0] != 1:
+        return None
+    ids, counts = torch.unique_consecutive(seq_ids[0], return_counts=True)
+    if torch.unique(ids).numel() != ids.numel():  # an id came back after another one: not contiguous runs
+        return None
+    lengths = tuple(counts.tolist())
+    S, L, T = len(lengths), max(lengths), seq_ids.shape[1]
+    if S * L > 2 * T:
+        return Packed(lengths, None, None)
+    dev = seq_ids.device
+    starts = torch.cumsum(counts, 0) - counts  # [S]
+    slot = torch.arange(L, device=dev)[None, :]  # [1, L]
+    valid = slot < counts[:, None]  # [S, L]
+    gather = torch.where(valid, starts[:, None] + slot, torch.zeros((), dtype=torch.long, device=dev)).reshape(-1)
+    scatter = (torch.arange(S, device=dev) * L).repeat_interleave(counts) + (
+        torch.arange(T, device=dev) - starts.repeat_interleave(counts))
+    return Packed(lengths, gather, scatter)
 
 
 def build_attention_mask(T: int, attention_mask: torch.Tensor | None, seq_ids: torch.Tensor | None, device):
@@ -369,7 +414,10 @@ class Transformer(nn.Module):
                 positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        mask = None if attn_fn is not None else build_attention_mask(T, attention_mask, seq_ids, x.device)
+        mask = None
+        if attn_fn is None:
+            packed = packed_layout(seq_ids) if seq_ids is not None and attention_mask is None else None
+            mask = packed if packed is not None else build_attention_mask(T, attention_mask, seq_ids, x.device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, attn_fn, use_reentrant=False)

@@ -129,3 +129,114 @@ def test_resume_on_two_processes_is_exact(one_step_on_two, data, tmp_path):
     # another world size is refused with a clear message (rank 0 would slice the data differently)
     bad = train(1, data, f"--train.run_dir={parts}", "--train.max_steps=3", "--resume", check=False)
     assert bad.returncode != 0 and "resume at the same world size" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- bf16 compute over fp32 masters
+
+def test_bf16_compute_keeps_fp32_masters_and_resumes_bitwise(data, tmp_path):
+    """--model.dtype=bfloat16 on ONE process: FSDP2 over a single-rank group (the multi-GPU code path). The masters
+    are fp32 (in trainer_state.pt), the HF export is them cast to bf16, and a resume continues bit for bit."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    bf16 = ["--model.dtype=bfloat16", "--train.eval_at_start=false"]
+    train(1, data, *bf16, f"--train.run_dir={whole}", "--train.max_steps=2")
+    train(1, data, *bf16, f"--train.run_dir={parts}", "--train.max_steps=1")
+    out = train(1, data, *bf16, f"--train.run_dir={parts}", "--train.max_steps=2", "--resume")
+    assert "resumed from" in out.stdout and "fp32 masters" in out.stdout
+    assert rows(whole) == rows(parts)  # every logged number, bit for bit
+    assert rows(whole)[0]["kind"] == "train"  # eval_at_start=false: no step-0 evaluation
+    for step in (1, 2):
+        state = torch.load(whole / "checkpoints" / f"step_{step:08d}" / "trainer_state.pt", weights_only=True)
+        masters, export = state["master_weights"], weights(whole, step)
+        assert all(v.dtype == torch.float32 for v in masters.values())
+        assert export.keys() == masters.keys()
+        assert all(export[k].dtype == torch.bfloat16 and torch.equal(export[k], masters[k].bfloat16())
+                   for k in export)
+    ma = torch.load(whole / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=True)["master_weights"]
+    mb = torch.load(parts / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=True)["master_weights"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)  # the fp32 masters themselves, not only their bf16 rounding
+    start = load_file(str(POLICY / "model.safetensors"))
+    assert any(not torch.equal(ma[k], start[k].float()) for k in ma)  # the run did train
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-process gloo group (what train.py starts for a bf16 run on one GPU), destroyed afterwards."""
+    import torch.distributed as dist
+
+    from memrl.distributed import init_distributed, shutdown
+
+    assert not dist.is_initialized()
+    init_distributed("cpu", single_rank_group=True)
+    yield
+    shutdown()
+
+
+def _sharded_policy(tmp_path):
+    from memrl.distributed import shard_model
+    from memrl.hf_io import load_model
+    from tests.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "policy", "qwen2", tied=True)
+    model = load_model(path, dtype=torch.float32)
+    return shard_model(model, torch.bfloat16)
+
+
+def test_tiny_update_changes_the_fp32_master(single_rank_group, tmp_path):
+    """An lr-1e-6 AdamW step (|update| ~ 1e-6, far below bf16's resolution at |w| ~ 0.1: 2^-11 ~ 5e-4) moves the
+    fp32 master; the same step on bf16 weights rounds away entirely."""
+    model = _sharded_policy(tmp_path)
+    params = list(model.parameters())
+    assert all(p.dtype == torch.float32 for p in params)  # sharded masters
+    before = [p.detach().full_tensor().clone() for p in params]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    logits = model(torch.arange(6).view(1, 6))
+    assert logits.dtype == torch.bfloat16  # the compute copy
+    logits.float().logsumexp(-1).sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    opt.step()
+    after = [p.detach().full_tensor() for p in params]
+    w, new = before[0], after[0]  # the embedding (tied lm_head): every entry gets a gradient
+    big = w.abs() > 0.01  # bf16 spacing there >= 2^-14 ~ 6e-5, so a half-spacing rounding eats a 1e-6 step
+    assert big.float().mean() > 0.5
+    delta = new - w
+    assert (delta[big] != 0).float().mean() > 0.9 and delta.abs().max() < 2e-6  # the fp32 masters moved, by ~lr
+    bf16_step = w.bfloat16() + delta.bfloat16()  # the same update applied to bf16 weights
+    assert torch.equal(bf16_step[big], w.bfloat16()[big])  # ... is rounded away, every entry
+
+
+def test_rollout_view_keeps_its_tensors_and_holds_the_new_weights(single_rank_group, tmp_path):
+    """The generator's view: the same parameter objects at the same addresses across steps (the generator keys its
+    CUDA graphs on the weights' data_ptr), holding the freshly updated weights in the compute dtype."""
+    from memrl.distributed import gathered_for_rollout, rollout_view
+    from memrl.generate import Generator, SamplingParams
+
+    model = _sharded_policy(tmp_path)
+    view = rollout_view(model)
+    with gathered_for_rollout(model, view) as m:
+        assert m is view
+        gen = Generator(view, 200)
+        ids = [(id(p), p.data_ptr()) for p in view.parameters()]
+        assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in view.parameters())
+        params = SamplingParams(max_new_tokens=4, greedy=True)
+        gen.generate([[1, 2, 3]], params)
+    layout, state = gen._layout_key, gen.state
+    masters = dict(model.named_parameters())
+    first = {name: p.clone() for name, p in view.named_parameters()}
+    for name, p in view.named_parameters():
+        assert torch.equal(p, masters[name].full_tensor().bfloat16()), name
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # large: the bf16 copies must change visibly
+    model(torch.arange(6).view(1, 6)).float().logsumexp(-1).sum().backward()
+    opt.step()
+    model.reshard()
+    with gathered_for_rollout(model, view):
+        assert [(id(p), p.data_ptr()) for p in view.parameters()] == ids  # same tensors, same storage
+        gen.generate([[1, 2, 3]], params)
+    assert gen._layout_key == layout and gen.state is state  # the generator kept its layout (no re-capture on GPU)
+    masters = dict(model.named_parameters())
+    changed = 0
+    for name, p in view.named_parameters():
+        new = masters[name].full_tensor().bfloat16()
+        assert torch.equal(p, new), name  # the updated weights
+        changed += not torch.equal(new, first[name])
+    assert changed == len(first)  # every tensor moved, and the view followed
