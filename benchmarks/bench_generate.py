@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable w
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memrl.generate import Generator, SamplingParams
-from memrl.model import ModelConfig, Transformer
+from memrl.model import ModelConfig, Transformer, random_init_
 
 QWEN25_1P5B = dict(
     model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -111,13 +111,7 @@ def build_model(cfg_dict: dict, device, dtype) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    random_init_(model, seed=0)
     model.reset_rope(device)
     return model.eval()
 

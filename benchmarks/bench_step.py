@@ -282,20 +282,14 @@ def make_checkpoint(shape: dict, tokenizer_dir: Path, out_dir: Path, dtype_name:
     import torch
 
     from memrl.hf_io import save_model
-    from memrl.model import ModelConfig, Transformer
+    from memrl.model import ModelConfig, Transformer, random_init_
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig.from_hf_dict(shape, source="bench shape")
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(getattr(torch, dtype_name)).to_empty(device=device)  # no fp32 copy of a 4B model
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    random_init_(model, seed=0)
     save_model(model, out_dir, tokenizer_dir=tokenizer_dir)
     del model
     if device.type == "cuda":

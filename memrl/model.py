@@ -430,3 +430,16 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def random_init_(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
+    """Benchmark weights, in place on the model's device: N(0, std) matrices and biases, unit norms (random weights
+    never emit EOS, so benchmarks force full-length generation)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=g)
+    return model
