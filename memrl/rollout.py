@@ -178,8 +178,9 @@ def rollout(
         return sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
 
     def params(kind: str, n: int, request_seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=budget(kind) + sampling.thinking_budget_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k, greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
+        return SamplingParams(max_new_tokens=budget(kind) + sampling.thinking_budget_tokens,
+                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                              greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
 
     n_turns = 1 if condition == "single_turn" else 1 + max(len(ep.shards) for ep in episodes)
     for turn in range(n_turns):
@@ -215,7 +216,7 @@ def rollout(
         stats.append(dict(generator.last_stats))
         for c in completions:  # ordered by (prompt_index, sample_index)
             tr, kind = members[c.prompt_index][c.sample_index]
-            prompt, ids, logprobs, finish = prompts[c.prompt_index], list(c.token_ids), list(c.logprobs), c.finish_reason
+            prompt, ids, logprobs, finish = prompts[c.prompt_index], list(c.token_ids), c.logprobs, c.finish_reason
             start = reply_start(tokenizer, prompt, ids)
             if start is not None and len(ids) - start > budget(kind):  # short reasoning, long reply: cut at the cap
                 ids, logprobs, finish = ids[:start + budget(kind)], logprobs[:start + budget(kind)], "length"
@@ -244,17 +245,17 @@ def reply_start(tokenizer: Tokenizer, prompt_ids: Sequence[int], token_ids: Sequ
     end = tokenizer.think_end_id
     if end is None:  # not a thinking vocabulary
         return 0
-    ids = list(token_ids)
-    if end in ids:
-        return len(ids) - ids[::-1].index(end)
+    ids, prompt = list(token_ids), list(prompt_ids)
+    closed = _last_index(ids, end)
+    if closed >= 0:
+        return closed + 1
     start = tokenizer.think_start_id
-    prompt = list(prompt_ids)
-
-    def last(seq, tok):
-        return len(seq) - seq[::-1].index(tok) if tok in seq else -1
-
-    opened = start is not None and (start in ids or last(prompt, start) > last(prompt, end))
+    opened = start is not None and (start in ids or _last_index(prompt, start) > _last_index(prompt, end))
     return None if opened else 0
+
+
+def _last_index(seq: list[int], token: int) -> int:
+    return len(seq) - 1 - seq[::-1].index(token) if token in seq else -1
 
 
 def decode_response(tokenizer: Tokenizer, token_ids: Sequence[int], prompt_ids: Sequence[int] = ()) -> str:
