@@ -8,8 +8,9 @@
                    manifest.json (sha256 and size of the whole and of every piece). On the GPU machine, once the
                    pieces are in one folder: python scripts/gguf_to_hf.py --model <model> --parts FOLDER --out DIR
                    joins them, checks every sha256 and converts.
-  (b) .gpu/data/   GSM8K train and the full test set (1,319 problems) sharded with the rule sharder
-                   (python -m data_tools.shard ... --method rule), the episode files train.py / evaluate.py read.
+  (b) .gpu/data/   GSM8K train and the full test set sharded with the rule sharder
+                   (python -m data_tools.shard ... --method rule), the episode files train.py / evaluate.py read;
+                   the rule sharder finds no question in one test problem: 1,318 test episodes.
   (c) .whl/        x86-64 CPython 3.12 wheels of what the GPU image lacks (gguf, math-verify and its parsers), at the
                    versions installed here; install there with
                    pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
