@@ -10,8 +10,8 @@ prompts wrapped in the model's own chat template:
   1. logits: ours equal transformers' (eager attention) on the dequantized weights, two prompts alone and the four
      as one left-padded batch. Tolerance max |Δ| <= 1e-3 on logits of magnitude ~30-40: both sides compute in fp32
      the same operations; only the order of floating-point sums differs (SDPA against eager softmax attention,
-     GEMM blocking). Measured 2026-11-30 on this code: 7.6e-5 (SmolLM2, whose residual stream reaches 2.5e4) and
-     2.6e-5 (Qwen 0.5B); against transformers' SDPA attention the difference is exactly 0. A real error is far
+     GEMM blocking). Measured 2026-11-30 on this code: 8.4e-5 (SmolLM2, whose residual stream reaches 2.5e4) and
+     2.6e-5 (Qwen 0.5B, prompts alone); against transformers' SDPA attention the difference is exactly 0. A real error is far
      larger: RMSNorm's eps halved gives 1.7e-2, RoPE frequencies off by 0.1% give 7.8e-2 (SmolLM2).
   2. greedy generation: memrl.generate.Generator equals transformers' greedy `generate` token for token, 48 new
      tokens, the four prompts as one batch on both sides (transformers left-padded).
