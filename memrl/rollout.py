@@ -218,7 +218,8 @@ def rollout(
             tr, kind = members[c.prompt_index][c.sample_index]
             prompt, ids, logprobs, finish = prompts[c.prompt_index], list(c.token_ids), c.logprobs, c.finish_reason
             start = reply_start(tokenizer, prompt, ids)
-            if start is not None and len(ids) - start > budget(kind):  # short reasoning, long reply: cut at the cap
+            # only the reasoning allowance lets a reply outgrow its budget (short reasoning, long reply): cut it there
+            if sampling.thinking_budget_tokens and start is not None and len(ids) - start > budget(kind):
                 ids, logprobs, finish = ids[:start + budget(kind)], logprobs[:start + budget(kind)], "length"
             text = decode_response(tokenizer, ids, prompt)
             records.append(TurnRecord(prompt_ids=prompt, response_ids=ids, logprobs=[float(x) for x in logprobs],
