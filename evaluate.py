@@ -132,7 +132,7 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
             if trace is not None:
                 trace += [{"condition": condition, "id": res.trajectories[r.trajectory_id].episode.id,
                            "turn": r.turn_index, "kind": r.kind, "prompt": tokenizer.decode(r.prompt_ids),
-                           "response": decode_response(tokenizer, r.response_ids)} for r in res.records]
+                           "response": decode_response(tokenizer, r.response_ids, r.prompt_ids)} for r in res.records]
         out[condition] = {"accuracy": sum(r["score"] for r in records) / len(records), "n": len(records),
                           "memory_tokens": sum(mem_tokens) / max(len(mem_tokens), 1),
                           "answer_tokens": sum(ans_tokens) / max(len(ans_tokens), 1),

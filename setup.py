@@ -24,5 +24,9 @@ setup(
         "tqdm",
         "matplotlib",  # training-curve and evaluation plots
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # scripts/gguf_to_hf.py: transformers reads GGUF files (the real models of ../shared/REAL_MODEL.md) with these
+        "gguf": ["gguf>=0.10", "accelerate"],
+    },
 )

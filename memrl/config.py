@@ -22,14 +22,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RUN_CONFIG_NAME = "run_config.json"
+# The turn templates (DESIGN §4) live in memrl.templates; here they are data, overridable like any other field.
+from memrl.templates import (FINAL_TEMPLATE, MEMORY_TEMPLATE, REASONED_FINAL_TEMPLATE,
+                             REASONED_SINGLE_TURN_TEMPLATE, SINGLE_TURN_TEMPLATE)
 
-# The paper's Figure 4 templates (DESIGN §4). Templates are data: override them like any other field.
-MEMORY_TEMPLATE = (
-    "<question> {question} </question>\n<memory> {memory} </memory>\n<segment> {segment} </segment>\nUpdated memory:"
-)
-FINAL_TEMPLATE = "<question> {question} </question>\n<memory> {memory} </memory>\nYour final answer:"
-SINGLE_TURN_TEMPLATE = "<question> {question} </question>\n<problem> {problem} </problem>\nYour final answer:"
+RUN_CONFIG_NAME = "run_config.json"
 
 
 class ConfigError(ValueError):
@@ -59,6 +56,8 @@ class RolloutCfg:
     top_k: int = 0  # 0 = off
     eval_greedy: bool = True  # evaluation decodes greedily: a deterministic accuracy, comparable across runs
     ignore_eos: bool = False  # benchmarks only: every turn runs to its full token budget (random weights never stop)
+    thinking_budget_tokens: int = 0  # thinking models: room for <think> reasoning on top of each turn's budget;
+    # the memory / answer after the reasoning keeps its own cap (memrl/rollout.py says why)
     initial_memory: str = "No previous memory."  # the fixed memory m_0 shown at the first turn
     memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
     final_template: str = FINAL_TEMPLATE  # paper Figure 4 (final turn); full-history fills {memory} with all shards
@@ -68,6 +67,7 @@ class RolloutCfg:
         assert self.condition in ("memory", "full_history", "single_turn"), f"rollout.condition: {self.condition!r}"
         assert self.group_size >= 1, "rollout.group_size must be >= 1"
         assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
+        assert self.thinking_budget_tokens >= 0, "rollout.thinking_budget_tokens must be >= 0"
         assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
         assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
         for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
@@ -208,7 +208,9 @@ def _paper_1_5b() -> Config:
     return Config(
         preset="paper-1.5b",
         model=ModelCfg(path="Qwen/Qwen2.5-Math-1.5B-Instruct", dtype="bfloat16"),
-        rollout=RolloutCfg(group_size=4, memory_cap_tokens=256, response_max_tokens=512),
+        # final / single-turn prompts that ask for reasoning and \boxed{} (memrl/templates.py says why)
+        rollout=RolloutCfg(group_size=4, memory_cap_tokens=256, response_max_tokens=512,
+                           final_template=REASONED_FINAL_TEMPLATE, single_turn_template=REASONED_SINGLE_TURN_TEMPLATE),
         algo=AlgoCfg(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.001, kl_type="k3"),
         optim=OptimCfg(lr=1e-6, warmup_steps=10),
         data=DataCfg(reward_kind="gsm8k", max_shards=35, max_shard_tokens=1024),
@@ -223,7 +225,9 @@ def _paper_4b() -> Config:
     return dataclasses.replace(
         cfg, preset="paper-4b",
         model=ModelCfg(path="Qwen/Qwen3-4B-Thinking-2507", dtype="bfloat16"),
-        rollout=dataclasses.replace(cfg.rollout, response_max_tokens=1024),
+        # thinking_budget_tokens is ours, not the paper's: room for <think> reasoning before each turn's capped
+        # memory / answer (memrl/rollout.py). Without it a 256-token memory turn ends inside its reasoning.
+        rollout=dataclasses.replace(cfg.rollout, response_max_tokens=1024, thinking_budget_tokens=1024),
         train=dataclasses.replace(cfg.train, run_dir="runs/paper-4b"),
     )
 

@@ -4,12 +4,17 @@
 
 - "math":  the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) of the response, checked for mathematical
            equivalence with math-verify (HuggingFace), not a home-made normaliser. A response with no boxed
-           answer (or a truncated one) scores 0: the final-turn prompt asks for `\\boxed{}`.
+           answer (or a truncated one) scores 0: the paper presets' final and single-turn prompts ask for
+           `\\boxed{}` (memrl.templates.REASONED_FINAL_TEMPLATE), and the built-in synthetic task's policy is
+           trained to box its answer.
 - "gsm8k": the last boxed answer (else the text after the last `####`) read as an exact rational number, and
            compared with the number after `####` in the reference (commas, `$`, units, a trailing `.` ignored).
 - "qa":    LongBench's qa_f1_score (THUDM/LongBench metrics.py: normalize_answer, then token-level F1 with a
            Counter), max over the reference answers when several are given. The prediction is the last boxed
            answer if the response has one, else the whole response.
+
+The response is the final turn's reply as memrl.rollout decodes it: for a thinking model, the text after its
+`</think>` (a `\\boxed{}` inside the reasoning is never read).
 
 Invariant: never raises on model output, whatever it is; a malformed response is simply wrong (0.0).
 

@@ -13,6 +13,17 @@ Invariants:
 - The memory is what the model wrote: the response decoded without its stop token, surrounding whitespace stripped.
   A memory turn may generate at most `memory_cap_tokens` tokens (the cap IS the generation limit, paper A.1); a
   memory cut by the cap is reused as is. m_0 is Templates.initial_memory ("No previous memory.").
+- Thinking models (Qwen3: `<think> reasoning </think> reply`, where the chat template may already have opened
+  `<think>` in the prompt): the memory is the reply after the last `</think>`, and the answer the reward reads is the
+  final turn's reply after it; a turn cut inside its reasoning wrote no reply (memory "", answer ""). The cap bounds
+  what is carried forward, the memory, and reasoning gets its own allowance: a turn may generate
+  `thinking_budget_tokens` + its budget (memory_cap_tokens / response_max_tokens), and a reply longer than its budget
+  is cut there, its record too (as if generation had stopped at the cap: finish "length"). Why not one cap over the
+  whole turn: the memory must stay bounded by memory_cap_tokens (the paper's point: bounded state), while a thinking
+  model's reasoning alone runs to hundreds of tokens per turn; under one 256-token cap almost every memory turn would
+  be cut inside its reasoning and carry nothing. Reasoning tokens are trained like any others (the policy wrote them)
+  but never carried to the next turn. Models without `</think>` in their vocabulary: the reply is the whole response,
+  thinking_budget_tokens should stay 0 (it only adds room the cut then takes back).
 - Every generated turn is one TurnRecord (memrl.algo): prompt ids, response ids (stop token included), the sampler's
   fp32 log-probs, dense trajectory id, group id (= the problem's index in this batch), turn index, kind.
 - Seeds (STYLE 10): a request's seed is a hash of (run seed, step, episode id, turn, first sample index); the
@@ -56,13 +67,14 @@ class Sampling:
     top_k: int = 0
     greedy: bool = False
     ignore_eos: bool = False  # benchmarks: no stop ids, every turn runs to its full budget
+    thinking_budget_tokens: int = 0  # extra room for a thinking model's reasoning, on top of each turn's budget
 
     @classmethod
     def from_config(cls, rollout_cfg, greedy: bool = False) -> "Sampling":
         return cls(memory_cap_tokens=rollout_cfg.memory_cap_tokens,
                    response_max_tokens=rollout_cfg.response_max_tokens, temperature=rollout_cfg.temperature,
                    top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy,
-                   ignore_eos=rollout_cfg.ignore_eos)
+                   ignore_eos=rollout_cfg.ignore_eos, thinking_budget_tokens=rollout_cfg.thinking_budget_tokens)
 
 
 @dataclass
@@ -162,10 +174,13 @@ def rollout(
     stats: list[dict] = []
     stop_ids = frozenset() if sampling.ignore_eos else frozenset(tokenizer.stop_ids)
 
+    def budget(kind: str) -> int:  # of the reply; reasoning may take thinking_budget_tokens more
+        return sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
+
     def params(kind: str, n: int, request_seed: int) -> SamplingParams:
-        budget = sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
-        return SamplingParams(max_new_tokens=budget, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k, greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
+        return SamplingParams(max_new_tokens=budget(kind) + sampling.thinking_budget_tokens,
+                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                              greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
 
     n_turns = 1 if condition == "single_turn" else 1 + max(len(ep.shards) for ep in episodes)
     for turn in range(n_turns):
@@ -201,24 +216,57 @@ def rollout(
         stats.append(dict(generator.last_stats))
         for c in completions:  # ordered by (prompt_index, sample_index)
             tr, kind = members[c.prompt_index][c.sample_index]
-            text = decode_response(tokenizer, c.token_ids)
-            records.append(TurnRecord(prompt_ids=prompts[c.prompt_index], response_ids=list(c.token_ids),
-                                      logprobs=[float(x) for x in c.logprobs], trajectory_id=tr.trajectory_id,
-                                      group_id=tr.group_id, turn_index=turn, kind=kind,
-                                      finish_reason=c.finish_reason))
+            prompt, ids, logprobs, finish = prompts[c.prompt_index], list(c.token_ids), c.logprobs, c.finish_reason
+            start = reply_start(tokenizer, prompt, ids)
+            # only the reasoning allowance lets a reply outgrow its budget (short reasoning, long reply): cut it there
+            if sampling.thinking_budget_tokens and start is not None and len(ids) - start > budget(kind):
+                ids, logprobs, finish = ids[:start + budget(kind)], logprobs[:start + budget(kind)], "length"
+            text = decode_response(tokenizer, ids, prompt)
+            records.append(TurnRecord(prompt_ids=prompt, response_ids=ids, logprobs=[float(x) for x in logprobs],
+                                      trajectory_id=tr.trajectory_id, group_id=tr.group_id, turn_index=turn,
+                                      kind=kind, finish_reason=finish))
             if kind == "memory":
                 tr.memories.append(text)
                 if condition == "memory":
                     memory[tr.trajectory_id] = text
             else:
-                tr.final_text, tr.final_finish_reason = text, c.finish_reason
+                tr.final_text, tr.final_finish_reason = text, finish
     records.sort(key=lambda r: (r.turn_index, r.trajectory_id))
     return RolloutResult(trajs, records, stats)
 
 
-def decode_response(tokenizer: Tokenizer, token_ids: Sequence[int]) -> str:
-    """A response as text: the stop token dropped, surrounding whitespace stripped (a cut one is kept as is)."""
-    ids = list(token_ids)
+def reply_start(tokenizer: Tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> int | None:
+    """Where the reply begins in a response: after the last `</think>` of a thinking model, 0 when there is no
+    reasoning, None when the turn was cut (or stopped) inside its reasoning and so has no reply at all.
+
+    Reasoning is open when the response opens `<think>`, or when the prompt does (Qwen3 thinking templates end the
+    generation prompt with `<think>`) without closing it. Our prompts are one user message plus the template's
+    generation prompt, so a `<think>` in the prompt can only come from the template.
+    """
+    end = tokenizer.think_end_id
+    if end is None:  # not a thinking vocabulary
+        return 0
+    ids, prompt = list(token_ids), list(prompt_ids)
+    closed = _last_index(ids, end)
+    if closed >= 0:
+        return closed + 1
+    start = tokenizer.think_start_id
+    opened = start is not None and (start in ids or _last_index(prompt, start) > _last_index(prompt, end))
+    return None if opened else 0
+
+
+def _last_index(seq: list[int], token: int) -> int:
+    return len(seq) - 1 - seq[::-1].index(token) if token in seq else -1
+
+
+def decode_response(tokenizer: Tokenizer, token_ids: Sequence[int], prompt_ids: Sequence[int] = ()) -> str:
+    """A response as text: the reasoning (up to the last `</think>`) and the stop token dropped, surrounding
+    whitespace stripped (a reply cut by its budget is kept as is; one cut inside its reasoning is "").
+    prompt_ids: the turn's prompt, to see reasoning the chat template opened there (reply_start)."""
+    start = reply_start(tokenizer, prompt_ids, token_ids)
+    if start is None:
+        return ""
+    ids = list(token_ids)[start:]
     if ids and ids[-1] in tokenizer.stop_ids:
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -5,6 +5,16 @@
     final turn    <question> {question} </question>\\n<memory> {memory} </memory>\\nYour final answer:
     single turn   <question> {question} </question>\\n<problem> {problem} </problem>\\nYour final answer:
 
+Two sets of final / single-turn templates:
+- Figure 4 as printed (FINAL_TEMPLATE, SINGLE_TURN_TEMPLATE), the dataclass defaults. The built-in synthetic task
+  and its shipped starting policy use them: that policy was trained to answer `\\boxed{n}` after "Your final answer:".
+- REASONED_FINAL_TEMPLATE / REASONED_SINGLE_TURN_TEMPLATE, the paper presets' (memrl/config.py): Figure 4's slots
+  ending "Reason step by step, then give your final answer within \\boxed{}." Appendix A.3 says the final turn
+  requires \\boxed{}, which Figure 4's wording never asks for; a real instruct model given "Your final answer:" answers
+  a bare number without reasoning. Measured (2026-11-30, Qwen2.5-Coder-0.5B-Instruct, GSM8K test, first 256,
+  greedy): single-turn 0.051 -> 0.258, full-history 0.035 -> 0.219 with this ending. The memory template stays
+  Figure 4's in both sets.
+
 The templates are plain strings (config fields, overridable with --rollout.memory_template=...). The filled text is
 one user message: memrl.tokenizer.Tokenizer.encode_prompt wraps it in the model's chat template (instruct models) or
 uses it raw (base models).
@@ -27,6 +37,10 @@ MEMORY_TEMPLATE = (
 )
 FINAL_TEMPLATE = "<question> {question} </question>\n<memory> {memory} </memory>\nYour final answer:"
 SINGLE_TURN_TEMPLATE = "<question> {question} </question>\n<problem> {problem} </problem>\nYour final answer:"
+# The paper presets' final and single-turn prompts: ask for reasoning and for the \boxed{} the reward reads.
+REASON_AND_BOX = "Reason step by step, then give your final answer within \\boxed{}."
+REASONED_FINAL_TEMPLATE = "<question> {question} </question>\n<memory> {memory} </memory>\n" + REASON_AND_BOX
+REASONED_SINGLE_TURN_TEMPLATE = "<question> {question} </question>\n<problem> {problem} </problem>\n" + REASON_AND_BOX
 INITIAL_MEMORY = "No previous memory."  # m_0: the fixed memory shown at the first turn
 HISTORY_SEPARATOR = "\n"  # full-history: the shards seen so far, one per line, in the {memory} slot
 PROBLEM_SEPARATOR = " "  # single-turn without metadata.problem: the shards joined back into one text

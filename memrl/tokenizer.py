@@ -38,6 +38,10 @@ class Tokenizer:
         if not self.stop_ids:
             raise ValueError("tokenizer defines no end-of-sequence token: generation could never stop")
         self.vocab_size: int = len(hf_tokenizer)  # real tokens, added specials included
+        # Thinking models (Qwen3) wrap their reasoning in <think> ... </think>, one token each; None elsewhere.
+        # memrl.rollout reads the reply after the reasoning (reply_start).
+        self.think_start_id: int | None = vocab.get("<think>")
+        self.think_end_id: int | None = vocab.get("</think>")
         pad = hf_tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else min(self.stop_ids)
 
