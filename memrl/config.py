@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.length_profile import PROFILES
+
 RUN_CONFIG_NAME = "run_config.json"
 
 # The paper's Figure 4 templates (DESIGN §4). Templates are data: override them like any other field.
@@ -43,6 +45,8 @@ class ModelCfg:
     # forward/backward and rollout (FSDP2 mixed precision, also on one process); float32: everything fp32
     ref_path: str = ""  # frozen KL reference; "" = the starting weights (`path`), as in verl/MemAgent
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
+    compile_train: bool = False  # torch.compile each decoder block for scoring and the update (memrl/compile.py):
+    # fuses the norms, RoPE, SwiGLU and residuals; one compile (~tens of seconds) in the first step, then none
 
     def __post_init__(self):
         assert self.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unknown dtype {self.dtype!r}"
@@ -59,6 +63,10 @@ class RolloutCfg:
     top_k: int = 0  # 0 = off
     eval_greedy: bool = True  # evaluation decodes greedily: a deterministic accuracy, comparable across runs
     ignore_eos: bool = False  # benchmarks only: every turn runs to its full token budget (random weights never stop)
+    compile: str = "decode"  # what the generator torch.compiles: decode (its CUDA-graphed step; prefill eager: one
+    # compile less in the first step, memrl/generate.py) | all (decode + prefill) | none
+    length_profile: str = ""  # benchmarks, with ignore_eos: each request stops at a length drawn from this named
+    # distribution (memrl/length_profile.py: a real model's lengths) instead of its full budget; "" = off
     initial_memory: str = "No previous memory."  # the fixed memory m_0 shown at the first turn
     memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
     final_template: str = FINAL_TEMPLATE  # paper Figure 4 (final turn); full-history fills {memory} with all shards
@@ -70,6 +78,10 @@ class RolloutCfg:
         assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
         assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
         assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
+        assert self.compile in ("decode", "all", "none"), f"rollout.compile: {self.compile!r} (decode | all | none)"
+        assert not self.length_profile or self.ignore_eos, "rollout.length_profile needs rollout.ignore_eos=true"
+        assert not self.length_profile or self.length_profile in PROFILES, (
+            f"rollout.length_profile: unknown {self.length_profile!r}; known: {sorted(PROFILES)}")
         for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
                            ("final_template", ("{question}", "{memory}")),
                            ("single_turn_template", ("{question}", "{problem}"))):

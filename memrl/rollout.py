@@ -20,6 +20,9 @@ Invariants:
   on the seed, the step, its problem, its sample index and the policy, never on the rest of the batch or on
   wall-clock state. The episode id is global (not the problem's index in this call), so N ranks each rolling out
   their slice of a step's problems sample what one process rolling out all of them samples.
+- Benchmarks on random weights (Sampling.ignore_eos: no stop ids) may set a length profile: each request's
+  max_new_tokens is then drawn from a real model's length distribution (memrl/length_profile.py), seeded from the
+  request's seed, so the packed sequences are as uneven as in training. Its n samples share the draw.
 - Noise shards: episodes from data_tools already hold their noise shards (metadata.noise_positions), and a rollout
   plays every shard in order. `with_noise` (evaluation) inserts n WikiText passages after every problem shard with
   data_tools.noise.make_variant(..., "noisy"), the same placement the offline tool writes.
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from memrl.algo import TurnRecord
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
+from memrl.length_profile import length_limit
 from memrl.templates import PROBLEM_SEPARATOR, Templates
 from memrl.tokenizer import Tokenizer
 
@@ -56,13 +60,14 @@ class Sampling:
     top_k: int = 0
     greedy: bool = False
     ignore_eos: bool = False  # benchmarks: no stop ids, every turn runs to its full budget
+    length_profile: str = ""  # benchmarks, with ignore_eos: per-request limits drawn from memrl/length_profile.py
 
     @classmethod
     def from_config(cls, rollout_cfg, greedy: bool = False) -> "Sampling":
         return cls(memory_cap_tokens=rollout_cfg.memory_cap_tokens,
                    response_max_tokens=rollout_cfg.response_max_tokens, temperature=rollout_cfg.temperature,
                    top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy,
-                   ignore_eos=rollout_cfg.ignore_eos)
+                   ignore_eos=rollout_cfg.ignore_eos, length_profile=rollout_cfg.length_profile)
 
 
 @dataclass
@@ -164,6 +169,8 @@ def rollout(
 
     def params(kind: str, n: int, request_seed: int) -> SamplingParams:
         budget = sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
+        if sampling.length_profile:  # random weights never stop: a real model's length instead (its n samples share it)
+            budget = length_limit(sampling.length_profile, kind, derive_seed(request_seed, "length"), budget)
         return SamplingParams(max_new_tokens=budget, temperature=sampling.temperature, top_p=sampling.top_p,
                               top_k=sampling.top_k, greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
 
