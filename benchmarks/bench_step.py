@@ -385,10 +385,12 @@ def train_command(spec: dict, ckpt: Path, episodes: Path, run_dir: Path, nproc: 
     return cmd + flags + spec["extra"] + passthrough
 
 
-def launch(cmd: list[str], run_dir: Path, steps: int, timeout_s: float, log_path: Path) -> dict:
+def launch(cmd: list[str], run_dir: Path, steps: int, timeout_s: float, log_path: Path,
+           env_extra: dict | None = None) -> dict:
     """Run train.py under torchrun with output streamed to log_path; stop it once `steps` train rows are logged
-    (the final evaluation and checkpoint are no part of a step) or at the timeout. Returns rows and how it ended."""
-    env = {**os.environ, **CHILD_ENV}
+    (the final evaluation and checkpoint are no part of a step) or at the timeout. Returns rows and how it ended.
+    env_extra: more environment for the child (e.g. TORCHINDUCTOR_CACHE_DIR)."""
+    env = {**os.environ, **CHILD_ENV, **(env_extra or {})}
     t0 = time.perf_counter()
     seen = 0
     with open(log_path, "w") as log:
