@@ -338,6 +338,7 @@ for step in pbar:
         "accuracy": sum(r.sum().item() for r in all_rewards), "sampled": sum(len(r) for r in all_rewards),
         "memory_tokens": sum(len(r.response_ids) for r in memory_recs), "memory_turns": len(memory_recs),
         "memory_cut": sum(r.finish_reason == "length" for r in memory_recs),
+        "memory_full": sum(len(r.response_ids) >= cfg.rollout.memory_cap_tokens for r in memory_recs),
         "answer_tokens": sum(len(r.response_ids) for r in final_recs), "answer_turns": len(final_recs),
         "train_tokens": real_tokens * cfg.algo.updates_per_rollout, "score_tokens": real_tokens * scoring_models,
         "rollout_new_tokens": sum(s.get("new_tokens", 0) for s in batch.generate_stats), "micro_batches": n_real,
@@ -356,6 +357,7 @@ for step in pbar:
            **{k: v for k, v in sums.items()}, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
            "memory_tokens": g["memory_tokens"] / max(g["memory_turns"], 1),
            "memory_cut": g["memory_cut"] / max(g["memory_turns"], 1),
+           "memory_full": g["memory_full"] / max(g["memory_turns"], 1),  # used the whole cap (cut, or stopped there)
            "answer_tokens": g["answer_tokens"] / max(g["answer_turns"], 1),
            "response_tokens": int(num_tokens.item()), "trajectories": int(g["kept"]),
            "rollout_rounds": int(peak["rollout_rounds"]), "skipped": skipped, "cursor": cursor,
@@ -370,7 +372,7 @@ for step in pbar:
            "attn_len_sq": int(g["attn_len_sq"]), "gen_compile_s": round(peak["gen_compile_s"], 3),
            "gen_capture_s": round(peak["gen_capture_s"], 3)}
     if step == start_step:  # where the first step's time goes (max over ranks): compilation and capture are one-off
-        row["first_step"] = {k: round(peak[k], 3) for k in ("since_model_ready_s", "step_s", "rollout_s",
+        row["first_step_s"] = {k: round(peak[k], 3) for k in ("since_model_ready_s", "step_s", "rollout_s",
                                                             "gen_compile_s", "gen_capture_s", "gen_compiles",
                                                             "gen_captures", "score_s", "update_s", "train_compile_s")}
     if (step + 1) % cfg.train.log_every == 0:

@@ -12,7 +12,7 @@ What runs: bench_step's random 1.5B checkpoint, then `train.py --preset=paper-1.
 turn to its full budget: the issue's uniform setting) on one process (bf16 compute over fp32 masters, FSDP2 over a
 one-rank group, as train.py runs one GPU), with a FRESH inductor + Triton cache (TORCHINDUCTOR_CACHE_DIR and
 TRITON_CACHE_DIR in a temp dir: a cold start, as on a freshly lent machine). train.py logs the first step's parts in
-its first metrics row (`first_step`, max over ranks):
+its first metrics row (`first_step_s`, max over ranks):
     since_model_ready_s  model loaded and wrapped (the checkpoint on the GPU) -> first step done: the target
     step_s               the first step itself: rollout_s + score_s + update_s (+ a little bookkeeping)
     gen_compile_s        torch.compile of the generator's decode step (and prefill with rollout.compile=all), inside
@@ -73,7 +73,7 @@ def run_train(spec: dict, ckpt: Path, episodes: Path, work: Path, out: Path, nam
     child = bench_step.launch(cmd, run_dir, steps, timeout_s, out / f"train_{name}.log", env_extra=env)
     rows = child["rows"]
     res = {"name": name, "ended": child["ended"], "wall_s": time.perf_counter() - t0, "command": " ".join(cmd),
-           "rows": rows, "first_step": rows[0].get("first_step") if rows else None}
+           "rows": rows, "first_step": rows[0].get("first_step_s") if rows else None}
     if len(rows) > 1:
         res["steady_step_s"] = statistics.mean(r["step_s"] for r in rows[1:])
         res["steady"] = {k: rows[1].get(k) for k in ("step_s", "rollout_s", "score_s", "update_s", "gen_compile_s",
@@ -138,8 +138,8 @@ def write(results: dict, out: Path) -> str:
         if lv.get("error"):
             lines.append(f"\nlevers: FAILED: {lv['error']}")
         else:
-            lines += ["", f"Prefill of the first turn ({lv['prompts']} prompts, {lv['prompt_tokens']:,} tokens, n = 4): "
-                      f"compile {lv['compiled_first_call_compile_s']:.1f} s once; per call compiled "
+            lines += ["", f"Prefill of the first turn ({lv['prompts']} prompts, {lv['prompt_tokens']:,} tokens, "
+                      f"n = 4): compile {lv['compiled_first_call_compile_s']:.1f} s once; per call compiled "
                       f"{lv['compiled_prefill_s']:.3f} s vs eager {lv['eager_prefill_s']:.3f} s."]
     lines += ["", "Target (issue 11): since_model_ready_s <= 60 on the cold run. Parts in seconds (max over ranks); "
               "gen_* are inside rollout_s; one-off = first step - steady step.",

@@ -29,11 +29,12 @@ Lengths (`--lengths both`, the default, launches train.py once per length mode a
            model's own end tokens
   Per-token cost = scoring s per 1k scored tokens and update s per 1k update tokens (sums over the measured steps);
   the ratio real / uniform is what issue 11 asks to bring to <= 1.3. train.py's logged mean memory / answer length
-  and cut share are printed beside them, to check that the profile (or the real model) did what it says.
-Compile toggles: --compile-train off|on|both (model.compile_train: each decoder block torch.compile'd for scoring and
-the update, memrl/compile.py) and --generator-compile decode|all|none (rollout.compile: what the rollout's generator
-compiles). train.py logs the first step's parts (compile, CUDA-graph capture, rollout, scoring, update) in its first
-metrics row; the table prints them under each run.
+  and share of memory turns that used the whole cap (memory_full) are printed beside them, to check that the
+  profile (or the real model) did what it says.
+Compile toggles: --compile-train off|on|both (model.compile_train: each decoder block's norms and MLP
+torch.compile'd for scoring and the update, memrl/compile.py) and --generator-compile decode|all|none
+(rollout.compile: what the rollout's generator compiles). train.py logs the first step's parts (compile, CUDA-graph
+capture, rollout, scoring, update) in its first metrics row; the table prints them under each run.
 
 Writes under --out: bench_step.md (the table), bench_step.json (everything), train_<model>.log (the child's whole
 output), <model>_metrics.jsonl and <model>_run_config.json. Checkpoints and the run directory live in a temp dir.
@@ -41,8 +42,9 @@ output), <model>_metrics.jsonl and <model>_run_config.json. Checkpoints and the 
 What is measured: `run` writes a random-weight checkpoint of the model's shape (bf16; the tokenizer from `prepare`)
 and launches `python -m torch.distributed.run --standalone --nproc_per_node N train.py --preset=paper-1.5b|paper-4b
 --model.path=CKPT --data.train_path=EPISODES --rollout.ignore_eos=true --train.max_steps=K ...`, so every number is
-train.py's own step: rollout (64 problems x G = 4, every turn generated to its full budget at uniform lengths: memory
-256 tokens, answer 512 / 1,024), the reference-model scoring pass, the PPO update (fwd + bwd + AdamW), with train.py's FSDP.
+train.py's own step: rollout (64 problems x G = 4; at uniform lengths every turn generated to its full budget:
+memory 256 tokens, answer 512 / 1,024), the reference-model scoring pass, the PPO update (fwd + bwd + AdamW), with
+train.py's FSDP.
 It reads the per-step timings and token counts train.py writes to metrics.jsonl (rollout_s, score_s, update_s,
 step_s, train_tokens, score_tokens, response_tokens, rollout_new_tokens, peak_mem_gib, world_size) and stops the
 child once K steps are logged (the end-of-run evaluation and checkpoint are not part of a step). Step 1 is the
@@ -62,7 +64,8 @@ FLOPs (model FLOPs, the usual MFU convention: recomputation under gradient check
 sum_s S_s^2 is train.py's metrics field `attn_len_sq` (sum of S^2 over the update's packed sequences). For a train.py
 that predates it, it is estimated per step (uniform lengths only) from the same episodes, templates and tokenizer,
 every turn at its full budget, memories simulated as the decoded-and-re-encoded text of uniformly random tokens
-(what random weights emit); the estimate's sum_s S_s is printed against the measured train_tokens as a check. 10 epochs of sharded GSM8K = 10 x ceil(7,473 / 64) = 1,170 steps (the paper: ~90 s/step on 2 x A100).
+(what random weights emit); the estimate's sum_s S_s is printed against the measured train_tokens as a check.
+10 epochs of sharded GSM8K = 10 x ceil(7,473 / 64) = 1,170 steps (the paper: ~90 s/step on 2 x A100).
 """
 from __future__ import annotations
 
@@ -491,7 +494,7 @@ def summarize(model: str, shape: dict, rows: list[dict], episodes, tokenizer, cf
         secs = [r[f"{phase}_s"] for r in measured if r.get(f"{phase}_s") is not None and r.get(tokens_key)]
         toks = [r[tokens_key] for r in measured if r.get(f"{phase}_s") is not None and r.get(tokens_key)]
         out[f"{phase}_s_per_1k_tokens"] = 1000 * sum(secs) / sum(toks) if toks else None
-    for key in ("memory_tokens", "memory_cut", "answer_tokens"):  # what the lengths actually were
+    for key in ("memory_tokens", "memory_full", "answer_tokens"):  # what the lengths actually were
         out[key] = mean_of(measured, key)
 
     # sum of S^2: train.py's attn_len_sq; else simulated, which only knows uniform lengths (every turn at its budget)
@@ -643,7 +646,8 @@ def run(args, passthrough: list[str]) -> int:
                         shutil.copy2(run_dir / name, out / f"{tag}_{name}")
                 res.update(summarize(v.model, shape, child["rows"], episodes, tokenizer, cfg, args.nproc, peaks))
                 res.update(label=v.label, ended=child["ended"], returncode=child["returncode"],
-                           child_wall_s=child["wall_s"], command=" ".join(cmd), sizes=sizes(cfg, child["rows"], episodes))
+                           child_wall_s=child["wall_s"], command=" ".join(cmd),
+                           sizes=sizes(cfg, child["rows"], episodes))
                 if not child["rows"]:
                     why = "before the timeout" if child["ended"].startswith("timeout") else f"({root_cause(log_path)})"
                     res["error"] = f"no step logged {why}; see {log_path}"
@@ -725,10 +729,10 @@ def write(results: dict, out: Path) -> str:
                   + ("the model's own EOS" if results.get("model_path") else
                      f"length profile {results.get('profile')}") + "):", "",
                   "| run | update tokens/step | scoring s / 1k tok | update s / 1k tok | memory turn tokens | "
-                  "memory cut | answer tokens |", "|---|---|---|---|---|---|---|"]
+                  "memory turns at the cap | answer tokens |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {m.get('label', m['model'])} | {fmt(m.get('train_tokens'), ',.0f')} | "
                   f"{fmt(m.get('score_s_per_1k_tokens'), '.4f')} | {fmt(m.get('update_s_per_1k_tokens'), '.4f')} | "
-                  f"{fmt(m.get('memory_tokens'), '.1f')} | {fmt(m.get('memory_cut'), '.1%')} | "
+                  f"{fmt(m.get('memory_tokens'), '.1f')} | {fmt(m.get('memory_full'), '.1%')} | "
                   f"{fmt(m.get('answer_tokens'), '.1f')} |" for m in measured]
         for r in results.get("length_ratios", []):
             lines.append(f"\n**{r['model']}{' +compile_train' if r['compile_train'] else ''}: per-token cost real / "
@@ -750,9 +754,9 @@ def write(results: dict, out: Path) -> str:
         if w:
             lines.append(f"  warm-up step: {w.get('step_s')} s (rollout {w.get('rollout_s')}, scoring "
                          f"{w.get('score_s')}, update {w.get('update_s')}), peak {w.get('peak_mem_gib')} GiB.")
-            if w.get("first_step"):
-                lines.append("  first step parts (train.py first_step): " + ", ".join(
-                    f"{k} {v}" for k, v in w["first_step"].items()) + ".")
+            if w.get("first_step_s"):
+                lines.append("  first step parts (train.py first_step_s): " + ", ".join(
+                    f"{k} {v}" for k, v in w["first_step_s"].items()) + ".")
         if m.get("ended"):
             rc = f", exit code {m.get('returncode')}" if m["ended"] == "exited" else ""
             lines.append(f"  train.py {m['ended']}{rc}, {fmt(m.get('child_wall_s'), '.0f')} s from launch.")

@@ -208,7 +208,7 @@ def test_per_token_cost_and_real_over_uniform_ratio():
     real = [_row(1, 90.0, 50.0, 9.0, 30.0, 200_000, 60.0), _row(2, 12.0, 6.0, 1.0, 4.0, 200_000, 40.0),
             _row(3, 12.0, 6.0, 1.5, 4.0, 300_000, 40.0)]
     for r, (mem, cut, ans) in zip(real, [(60.0, 0.05, 140.0), (50.0, 0.02, 150.0), (56.0, 0.04, 160.0)]):
-        r.update(memory_tokens=mem, memory_cut=cut, answer_tokens=ans)
+        r.update(memory_tokens=mem, memory_full=cut, answer_tokens=ans)
     res = []
     for rows, c, lengths in ((uniform, cfg, "uniform"), (real, real_cfg, "real")):
         s = bench_step.summarize("1.5b", QWEN25_1P5B, rows, [], None, c, 2, {"spec": 989.0})
@@ -220,7 +220,7 @@ def test_per_token_cost_and_real_over_uniform_ratio():
     assert u["update_s_per_1k_tokens"] == pytest.approx(1000 * 12.0 / 1_000_000)
     assert r["score_s_per_1k_tokens"] == pytest.approx(1000 * 2.5 / 500_000)
     assert r["update_s_per_1k_tokens"] == pytest.approx(1000 * 8.0 / 500_000)
-    assert (r["memory_tokens"], r["memory_cut"], r["answer_tokens"]) == pytest.approx((53.0, 0.03, 155.0))
+    assert (r["memory_tokens"], r["memory_full"], r["answer_tokens"]) == pytest.approx((53.0, 0.03, 155.0))
     ratios = bench_step.length_ratios(res)
     assert len(ratios) == 1 and ratios[0]["compile_train"] is False
     assert ratios[0]["score_ratio"] == pytest.approx((2.5 / 500_000) / (5.0 / 1_000_000))  # 1.0
