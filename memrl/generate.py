@@ -33,10 +33,10 @@ How a call runs
      grad mode: the attention custom ops have no autograd formula.
   5. The first call's cost (issue 11: the first RL step) is compilation and capture; each is kept to one-off work:
        - ONE compile of the decode step, whatever the batch, slot count or lengths: dynamic shapes, no duck sizing
-         (two sizes equal by chance would otherwise be assumed equal and recompile later), and no bucket below 32
-         rows (a size of 1 would be specialised: a second compile). The prefill stays eager unless
-         `compile_prefill` (its GEMMs are large, so compiling saves ~20% of the prefill, ~1% of a rollout, for one
-         more full-model compile); compiled, it gets the same treatment (sizes of 1 padded to 2).
+         (two sizes equal by chance would otherwise be assumed equal and recompile later), and no graph bucket
+         below 32 rows (a batch of 1 would be specialised: a second compile). The prefill stays eager unless
+         `compile_prefill` (its GEMMs are large, so compiling saves ~20% of the prefill, a few % of a rollout, for
+         one more full-model compile); compiled, it gets the same treatment (sizes of 1 padded to 2).
        - few graphs: buckets of 32 rows (64 above 256 rows), since below ~256 rows a decode step reads the
          weights once whatever the batch (measured flat below 64 rows on H100; padding rows cost ~nothing), and
          a layout's graphs are kept when the next call uses another slot length (memory vs answer turns
