@@ -1,4 +1,4 @@
-"""Step benchmark (issue 6): train.py's real RL step on random weights of the paper's model shapes, timed by phase.
+"""Step benchmark (issues 6, 11): train.py's real RL step on random weights of the paper's model shapes, timed by phase.
 
     # 1. on any CPU, ~15 s: episodes (the first 256 GSM8K train problems, rule-sharded by data_tools) and a 32k
     #    byte-level BPE tokenizer trained on GSM8K (+ WikiText-2 test), into .bench/ (git-ignored via .git/info/exclude)
@@ -36,8 +36,8 @@ torch.compile'd for scoring and the update, memrl/compile.py) and --generator-co
 (rollout.compile: what the rollout's generator compiles). train.py logs the first step's parts (compile, CUDA-graph
 capture, rollout, scoring, update) in its first metrics row; the table prints them under each run.
 
-Writes under --out: bench_step.md (the table), bench_step.json (everything), train_<model>.log (the child's whole
-output), <model>_metrics.jsonl and <model>_run_config.json. Checkpoints and the run directory live in a temp dir.
+Writes under --out: bench_step.md (the table), bench_step.json (everything), train_<run>.log (the child's whole
+output), <run>_metrics.jsonl and <run>_run_config.json (<run> = model_lengths[_compile_train]). Checkpoints and the run directory live in a temp dir.
 
 What is measured: `run` writes a random-weight checkpoint of the model's shape (bf16; the tokenizer from `prepare`)
 and launches `python -m torch.distributed.run --standalone --nproc_per_node N train.py --preset=paper-1.5b|paper-4b
