@@ -6,7 +6,8 @@
 # The machine has no internet and no ../shared: copy GSM8K's train.jsonl (and optionally WikiText-2's wiki.test.raw,
 # extra tokenizer text) into an ignored folder of the checkout and pass the paths. Parts (each may fail alone):
 #   0. prepare: rule-sharded episodes + a 32k BPE tokenizer (CPU, ~20 s)            -> $OUT/prepare.log
-#   1. GPU 0: first RL step on one GPU, 1.5B shapes, cold compile cache (~2.5 min)  -> $OUT/first_step/
+#   1. GPU 0: first RL step on one GPU, 1.5B shapes, cold compile cache (~2 min; the step alone: its parts say
+#      how much is compilation and capture, bench_first_step.py --steps 2 adds a steady step) -> $OUT/first_step/
 #      GPU 1, at the same time: decode step % of the byte roofline at 256 / 512 rows -> $OUT/generate/
 #   2. both GPUs: the paper-1.5b step under torchrun, uniform vs real lengths (the qwen2.5-0.5b-gsm8k length
 #      profile), without then with model.compile_train, 2 steps each (the 1st is the warm-up), in the time left
@@ -18,7 +19,7 @@ OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-TOTAL=${TOTAL_S:-470}  # seconds for everything (the lent machine allows 600 per command)
+TOTAL=${TOTAL_S:-480}  # seconds for everything (the lent machine allows 600 per command)
 elapsed() { echo $(( $(date +%s) - START )); }
 run_part() {  # name, command...: run it, log it, report its exit code; never stop the script
   local name=$1; shift
@@ -50,7 +51,7 @@ fi
 
 # --- 1. first step (GPU 0) and decode roofline (GPU 1), side by side
 (export CUDA_VISIBLE_DEVICES=0; run_part first_step timeout 240 python -m benchmarks.bench_first_step \
-   --prepared "$PREPARED" --out "$OUT/first_step" --no-warm --budget 220 > "$OUT/first_step.log" 2>&1) &
+   --prepared "$PREPARED" --out "$OUT/first_step" --steps 1 --no-warm --budget 200 > "$OUT/first_step.log" 2>&1) &
 FIRST=$!
 (export CUDA_VISIBLE_DEVICES=1; run_part generate timeout 240 python -m benchmarks.bench_generate --no-hf --no-attention \
    --rows 256,512 --budget-s 200 --out "$OUT/generate" > "$OUT/generate.log" 2>&1) &
