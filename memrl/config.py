@@ -45,8 +45,8 @@ class ModelCfg:
     # forward/backward and rollout (FSDP2 mixed precision, also on one process); float32: everything fp32
     ref_path: str = ""  # frozen KL reference; "" = the starting weights (`path`), as in verl/MemAgent
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
-    compile_train: bool = False  # torch.compile each decoder block for scoring and the update (memrl/compile.py):
-    # fuses the norms, RoPE, SwiGLU and residuals; one compile (~tens of seconds) in the first step, then none
+    compile_train: bool = False  # torch.compile each block's RMSNorms and SwiGLU MLP for scoring and the update
+    # (memrl/compile.py): fused elementwise work; compiles once (seconds to tens of seconds) in the first step
 
     def __post_init__(self):
         assert self.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unknown dtype {self.dtype!r}"
