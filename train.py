@@ -38,6 +38,7 @@ from memrl import synthetic
 from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
                         pack_turns, policy_loss, response_logprobs)
 from memrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from memrl.compile import COMPILE_STATS, compile_blocks
 from memrl.config import RUN_CONFIG_NAME, ConfigError, describe, parse_cli, save_config
 from memrl.distributed import (all_reduce_max, all_reduce_sum, broadcast_object, clip_grad_norm, gathered_for_rollout,
                                init_distributed, is_sharded, max_over_ranks, print0, rollout_view, shard_model,
@@ -102,11 +103,17 @@ if fsdp:  # FSDP2 from outside the model: fp32 shards (masters), `dtype` compute
     shard_model(policy, dtype if dtype != torch.float32 else None)
     if ref is not None:
         shard_model(ref, None)  # loaded in the compute dtype, no master (no optimizer, never a gradient)
+if cfg.model.compile_train:  # fused norms and SwiGLU for scoring and the update (memrl/compile.py)
+    for m in (policy, ref):
+        if m is not None:
+            compile_blocks(m)
+t_model_ready = time.time()  # the first step's row reports the time from here (issue 11: <= 60 s on one GPU)
 # the policy itself without FSDP; else a hook-free view with persistent compute-dtype weights at fixed addresses,
 # refreshed from the masters before each rollout (the generator's CUDA graphs stay valid: memrl/distributed.py)
 rollout_model = rollout_view(policy)
 with gathered_for_rollout(policy, rollout_model) as gen_model:
-    generator = Generator(gen_model, tokenizer.vocab_size)  # generates with the live policy weights
+    generator = Generator(gen_model, tokenizer.vocab_size, compile=None if cfg.rollout.compile != "none" else False,
+                          compile_prefill=cfg.rollout.compile == "all")  # generates with the live policy weights
 templates = Templates.from_config(cfg.rollout)
 sampling = Sampling.from_config(cfg.rollout)
 print0(f"policy {policy_path} ({policy.num_params() / 1e6:.2f}M params, {cfg.model.dtype} compute, {device}"
@@ -331,14 +338,18 @@ for step in pbar:
         "accuracy": sum(r.sum().item() for r in all_rewards), "sampled": sum(len(r) for r in all_rewards),
         "memory_tokens": sum(len(r.response_ids) for r in memory_recs), "memory_turns": len(memory_recs),
         "memory_cut": sum(r.finish_reason == "length" for r in memory_recs),
+        "memory_full": sum(len(r.response_ids) >= cfg.rollout.memory_cap_tokens for r in memory_recs),
         "answer_tokens": sum(len(r.response_ids) for r in final_recs), "answer_turns": len(final_recs),
         "train_tokens": real_tokens * cfg.algo.updates_per_rollout, "score_tokens": real_tokens * scoring_models,
         "rollout_new_tokens": sum(s.get("new_tokens", 0) for s in batch.generate_stats), "micro_batches": n_real,
+        "attn_len_sq": sum((len(r.prompt_ids) + len(r.response_ids) - 1) ** 2 for r in batch.records),  # packed S^2
     }, device)
     peak = max_over_ranks({
         "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update, "step_s": time.time() - t_step,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
-        "rollout_rounds": len(parts),
+        "rollout_rounds": len(parts), **{f"gen_{k}": sum(st.get(k, 0) for st in batch.generate_stats)
+                                         for k in ("compile_s", "capture_s", "compiles", "captures")},
+        "train_compile_s": COMPILE_STATS["compile_s"], "since_model_ready_s": time.time() - t_model_ready,
     }, device)
     step_s = peak["step_s"]
     row = {"step": step + 1, "kind": "train", "reward": g["reward"] / max(g["kept"], 1),
@@ -346,6 +357,7 @@ for step in pbar:
            **{k: v for k, v in sums.items()}, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
            "memory_tokens": g["memory_tokens"] / max(g["memory_turns"], 1),
            "memory_cut": g["memory_cut"] / max(g["memory_turns"], 1),
+           "memory_full": g["memory_full"] / max(g["memory_turns"], 1),  # used the whole cap (cut, or stopped there)
            "answer_tokens": g["answer_tokens"] / max(g["answer_turns"], 1),
            "response_tokens": int(num_tokens.item()), "trajectories": int(g["kept"]),
            "rollout_rounds": int(peak["rollout_rounds"]), "skipped": skipped, "cursor": cursor,
@@ -356,7 +368,13 @@ for step in pbar:
            "dummy_micro_batches": world * len(micro_batches) - int(g["micro_batches"]), "world_size": world,
            "train_tokens_per_s": round((g["train_tokens"] + g["score_tokens"])
                                        / max(peak["score_s"] + peak["update_s"], 1e-9)),
-           "rollout_new_tokens_per_s": round(g["rollout_new_tokens"] / max(peak["rollout_s"], 1e-9))}
+           "rollout_new_tokens_per_s": round(g["rollout_new_tokens"] / max(peak["rollout_s"], 1e-9)),
+           "attn_len_sq": int(g["attn_len_sq"]), "gen_compile_s": round(peak["gen_compile_s"], 3),
+           "gen_capture_s": round(peak["gen_capture_s"], 3)}
+    if step == start_step:  # where the first step's time goes (max over ranks): compilation and capture are one-off
+        row["first_step_s"] = {k: round(peak[k], 3) for k in ("since_model_ready_s", "step_s", "rollout_s",
+                                                            "gen_compile_s", "gen_capture_s", "gen_compiles",
+                                                            "gen_captures", "score_s", "update_s", "train_compile_s")}
     if (step + 1) % cfg.train.log_every == 0:
         log(row)
 

@@ -5,7 +5,9 @@
     python -m benchmarks.bench_generate --attention      # only the decode-attention micro-benchmark (~1 min)
     python -m benchmarks.bench_generate --cpu            # CPU smoke run with a tiny config (automatic without CUDA)
     options: --out DIR (default $OUT, else bench_out/), --no-compile, --no-hf, --no-hf-static, --no-breakdown,
-             --budget-s S (skip transformers runs that would end past S seconds; default 340)
+             --budget-s S (skip transformers runs that would end past S seconds; default 340), --rows 256,512 (only
+             the shapes with these row counts), --no-attention (skip the attention micro-benchmark),
+             --compile-prefill (compile the prefill too; train.py's default, rollout.compile=decode, keeps it eager)
 
 Every number comes from this run, on this machine:
   - the two ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 GEMM;
@@ -330,7 +332,7 @@ def run_ours(gen: Generator, prompts, new: int) -> dict:
     out = gen.generate(prompts, params)
     s = gen.last_stats
     assert all(len(c.token_ids) == new for c in out)
-    decode_s = s["total_s"] - s["prefill_s"] - s["capture_s"]
+    decode_s = s["total_s"] - s["prefill_s"] - s["capture_s"] - s["compile_s"]
     return {"total_s": s["total_s"], "new_tok_per_s": len(prompts) * new / s["total_s"],
             "prefill_s": s["prefill_s"], "decode_s": decode_s,
             "decode_ms_per_step": 1e3 * decode_s / max(1, s["decode_steps"]), "capture_s_warm_call": s["capture_s"]}
@@ -374,6 +376,9 @@ def main():
     ap.add_argument("--attention", action="store_true", help="only the decode-attention micro-benchmark")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-step profiler breakdown")
     ap.add_argument("--budget-s", type=float, default=340.0, help="skip transformers runs that would end later")
+    ap.add_argument("--rows", default="", help="comma-separated row counts: only those shapes (e.g. 256,512)")
+    ap.add_argument("--no-attention", action="store_true", help="skip the decode-attention micro-benchmark")
+    ap.add_argument("--compile-prefill", action="store_true", help="compile the prefill too (default: eager)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     on_gpu = torch.cuda.is_available() and not args.cpu
@@ -382,6 +387,8 @@ def main():
     cfg_dict = QWEN25_1P5B if on_gpu else TINY
     vocab = QWEN25_TOKENIZER_VOCAB if on_gpu else cfg_dict["vocab_size"]
     shapes = SHAPES if on_gpu and not args.quick else [(64, 128, 64)] if on_gpu else [(8, 32, 16)]
+    if args.rows:
+        shapes = [sh for sh in shapes if str(sh[0]) in args.rows.split(",")] or shapes
     prefill_shape = PREFILL_SHAPE if on_gpu and not args.quick else shapes[0][:2]
 
     import transformers
@@ -392,7 +399,7 @@ def main():
         "device": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "compile": not args.no_compile and on_gpu,
+        "compile": not args.no_compile and on_gpu, "compile_prefill": args.compile_prefill,
     }
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     ceil = ceilings(device, dtype)
@@ -404,7 +411,7 @@ def main():
     cfg = model.config
     results = {"env": env, "ceilings": ceil, "params": 0, "ours": [], "prefill": None, "hf": [], "attention": []}
     out_dir = Path(args.out)
-    if on_gpu and not args.quick:  # one layer's decode attention (28 of these per step)
+    if on_gpu and not args.quick and not args.no_attention:  # one layer's decode attention (28 of these per step)
         results["attention"] = bench_decode_attention(cfg, device, ceil)
         write(results, out_dir, t_start, echo=args.attention)
         if args.attention:
@@ -413,7 +420,8 @@ def main():
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: the lm_head read once
     embed = cfg.vocab_size * cfg.hidden_size
     # compile_fallback=False: a compiler failure must fail the shape, not time an eager fallback as "ours"
-    gen = Generator(model, vocab_size=vocab, kv_memory_fraction=0.85, compile=env["compile"], compile_fallback=False)
+    gen = Generator(model, vocab_size=vocab, kv_memory_fraction=0.85, compile=env["compile"], compile_fallback=False,
+                    compile_prefill=args.compile_prefill)
     kv_bpt = gen.cache.bytes_per_token
     g = torch.Generator().manual_seed(0)
 
@@ -529,7 +537,7 @@ def write(res: dict, out: Path, t_start: float, echo: bool = False) -> None:
         "# Generator benchmark", "",
         *[f"**{msg}**" for msg in res.get("errors", [])], *([""] if res.get("errors") else []),
         f"{e['device']} | torch {e['torch']} (CUDA {e['cuda']}) | triton {e['triton']} | transformers "
-        f"{e['transformers']} | {e['date']} | compile={e['compile']}", "",
+        f"{e['transformers']} | {e['date']} | compile={e['compile']} | compile_prefill={e.get('compile_prefill')}", "",
         f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read + write), {c['dtype']} GEMM "
         f"{c['gemm_size']}^3 {c['gemm_TFLOPs']:.3g} TFLOP/s. Model: {res['params'] / 1e6:,.1f}M params, random.", "",
         "| rows x prompt/new | ours new tok/s | best transformers | x | decode ms/step | roofline ms | % roofline |",

@@ -1,24 +1,50 @@
-"""Step benchmark (issue 6): train.py's real RL step on random weights of the paper's model shapes, timed by phase.
+"""Step benchmark (issues 6, 11): train.py's real RL step on random weights of the paper's model shapes, timed by phase.
 
     # 1. on any CPU, ~15 s: episodes (the first 256 GSM8K train problems, rule-sharded by data_tools) and a 32k
     #    byte-level BPE tokenizer trained on GSM8K (+ WikiText-2 test), into .bench/ (git-ignored via .git/info/exclude)
     python -m benchmarks.bench_step prepare --data ../shared/data/gsm8k/train.jsonl --out .bench
     # 2. on 2 GPUs (carry .bench): random checkpoint(s), train.py under torchrun, the table. `both` = 1.5b (3 steps)
-    #    then 4b (2 steps) inside --budget 560 s; NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
+    #    then 4b (2 steps), each at uniform then real lengths (below), inside --budget 560 s (what does not fit is
+    #    skipped: `--lengths uniform` for the 4B); NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
     #    NVSHMEM_DISABLE_NVLS=1 are set for the child whatever the environment says
     python -m benchmarks.bench_step run --prepared .bench --model both --nproc 2 --out $OUT
     # CPU smoke (gloo, fp32, a tiny Qwen2-shaped model, budgets of 8 tokens); anything after `--` goes to train.py last
     python -m benchmarks.bench_step run --prepared .bench --model tiny --nproc 2 --steps 3 --out bench_out \\
         -- --rollout.memory_cap_tokens=8
 
-Writes under --out: bench_step.md (the table), bench_step.json (everything), train_<model>.log (the child's whole
-output), <model>_metrics.jsonl and <model>_run_config.json. Checkpoints and the run directory live in a temp dir.
+    # 3. the same step at real and at uniform lengths, each with and without compiled training blocks (4 launches)
+    python -m benchmarks.bench_step run --prepared .bench --model 1.5b --lengths both --compile-train both --steps 2
+    # 4. a real checkpoint directory (e.g. the 0.5B converted from ../shared/REAL_MODEL.md's GGUF) on one GPU, at its
+    #    own EOS lengths and forced to full length, batch 32 x G 4 as in issue 11
+    python -m benchmarks.bench_step run --prepared .bench --model-path /data/qwen2.5-0.5b --nproc 1 \\
+        -- --train.batch_size=32
+
+Lengths (`--lengths both`, the default, launches train.py once per length mode and compares them per token):
+  uniform  every turn generated to its full budget (--rollout.ignore_eos=true): the packed sequences of a
+           micro-batch are about equally long (what every figure before issue 11 measured)
+  real     random weights never emit EOS, so each request stops at a length drawn from a named profile
+           (--rollout.length_profile, default qwen2.5-0.5b-gsm8k, memrl/length_profile.py: what the real
+           Qwen2.5-0.5B produced on sharded GSM8K; memory turns mean 55 tokens with 3% cut at the 256 cap, answers
+           mean 150 with 2% at the 512 cap, each a capped lognormal, seeded per request); with --model-path, the
+           model's own end tokens
+  Per-token cost = scoring s per 1k scored tokens and update s per 1k update tokens (sums over the measured steps);
+  the ratio real / uniform is what issue 11 asks to bring to <= 1.3. train.py's logged mean memory / answer length
+  and share of memory turns that used the whole cap (memory_full) are printed beside them, to check that the
+  profile (or the real model) did what it says.
+Compile toggles: --compile-train off|on|both (model.compile_train: each decoder block's norms and MLP
+torch.compile'd for scoring and the update, memrl/compile.py) and --generator-compile decode|all|none
+(rollout.compile: what the rollout's generator compiles). train.py logs the first step's parts (compile, CUDA-graph
+capture, rollout, scoring, update) in its first metrics row; the table prints them under each run.
+
+Writes under --out: bench_step.md (the table), bench_step.json (everything), train_<run>.log (the child's whole
+output), <run>_metrics.jsonl and <run>_run_config.json (<run> = model_lengths[_compile_train]). Checkpoints and the run directory live in a temp dir.
 
 What is measured: `run` writes a random-weight checkpoint of the model's shape (bf16; the tokenizer from `prepare`)
 and launches `python -m torch.distributed.run --standalone --nproc_per_node N train.py --preset=paper-1.5b|paper-4b
 --model.path=CKPT --data.train_path=EPISODES --rollout.ignore_eos=true --train.max_steps=K ...`, so every number is
-train.py's own step: rollout (64 problems x G = 4, every turn generated to its full budget: memory 256 tokens,
-answer 512 / 1,024), the reference-model scoring pass, the PPO update (fwd + bwd + AdamW), with train.py's FSDP.
+train.py's own step: rollout (64 problems x G = 4; at uniform lengths every turn generated to its full budget:
+memory 256 tokens, answer 512 / 1,024), the reference-model scoring pass, the PPO update (fwd + bwd + AdamW), with
+train.py's FSDP.
 It reads the per-step timings and token counts train.py writes to metrics.jsonl (rollout_s, score_s, update_s,
 step_s, train_tokens, score_tokens, response_tokens, rollout_new_tokens, peak_mem_gib, world_size) and stops the
 child once K steps are logged (the end-of-run evaluation and checkpoint are not part of a step). Step 1 is the
@@ -35,11 +61,11 @@ FLOPs (model FLOPs, the usual MFU convention: recomputation under gradient check
     update = 3 x forward (backward = 2 x forward)        scoring (reference and/or old log-probs) = forward only
     MFU = update FLOPs / update_s / world_size / peak, for two peaks: the spec dense bf16 peak (H100/H200 SXM:
     989 TFLOP/s) and a bf16 8192^3 GEMM measured at the start of this run.
-sum_s S_s^2 is not logged by train.py: it is estimated per step from the same episodes, templates and tokenizer,
+sum_s S_s^2 is train.py's metrics field `attn_len_sq` (sum of S^2 over the update's packed sequences). For a train.py
+that predates it, it is estimated per step (uniform lengths only) from the same episodes, templates and tokenizer,
 every turn at its full budget, memories simulated as the decoded-and-re-encoded text of uniformly random tokens
 (what random weights emit); the estimate's sum_s S_s is printed against the measured train_tokens as a check.
-A metrics field `attn_len_sq` (sum of S^2 over the update's packed sequences), if train.py ever logs it, is used
-instead. 10 epochs of sharded GSM8K = 10 x ceil(7,473 / 64) = 1,170 steps (the paper: ~90 s/step on 2 x A100).
+10 epochs of sharded GSM8K = 10 x ceil(7,473 / 64) = 1,170 steps (the paper: ~90 s/step on 2 x A100).
 """
 from __future__ import annotations
 
@@ -113,6 +139,45 @@ MODELS = {
 # the contract's metrics.jsonl fields of a train row (train.py, FSDP session)
 ROW_FIELDS = ("rollout_s", "score_s", "update_s", "step_s", "train_tokens", "score_tokens", "response_tokens",
               "rollout_new_tokens", "peak_mem_gib", "world_size")
+DEFAULT_PROFILE = "qwen2.5-0.5b-gsm8k"  # memrl/length_profile.py
+LENGTH_MODES = ("uniform", "real")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One train.py launch: a model at uniform or real lengths, with or without compiled training blocks."""
+
+    model: str  # a MODELS key, or "path" (--model-path)
+    lengths: str  # uniform | real
+    compile_train: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.lengths}" + (" +compile_train" if self.compile_train else "")
+
+    def flags(self, profile: str) -> list[str]:
+        """train.py overrides of this variant. Random weights never stop on their own: uniform = every turn to its
+        budget, real = the length profile's draws; a real checkpoint (model "path") stops at its own EOS."""
+        flags = []
+        if self.lengths == "uniform" or self.model != "path":
+            flags.append("--rollout.ignore_eos=true")
+        if self.lengths == "real" and self.model != "path":
+            flags.append(f"--rollout.length_profile={profile}")
+        if self.compile_train:
+            flags.append("--model.compile_train=true")
+        return flags
+
+
+def variants(models: list[str], lengths: str, compile_train: str) -> list[Variant]:
+    """Launch order: per model, per compile setting, both length modes back to back (the pair a ratio compares);
+    the order of the pair alternates so that a budget cut after any launch still leaves a complete early pair."""
+    modes = LENGTH_MODES if lengths == "both" else (lengths,)
+    cts = {"off": (False,), "on": (True,), "both": (False, True)}[compile_train]
+    out = []
+    for model in models:
+        for i, ct in enumerate(cts):
+            out += [Variant(model, m, ct) for m in (modes if i % 2 == 0 else modes[::-1])]
+    return out
 
 
 # ----------------------------------------------------------------------------- prepare (CPU, seconds)
@@ -312,30 +377,23 @@ def train_rows(metrics_path: Path) -> list[dict]:
     return rows
 
 
-def ignore_eos_supported() -> bool:
-    from memrl.config import RolloutCfg
-
-    return "ignore_eos" in {f.name for f in dataclasses.fields(RolloutCfg)}
-
-
-def train_command(model: str, ckpt: Path, episodes: Path, run_dir: Path, nproc: int, steps: int,
-                  passthrough: list[str]) -> list[str]:
-    spec = MODELS[model]
+def train_command(spec: dict, ckpt: Path, episodes: Path, run_dir: Path, nproc: int, steps: int,
+                  flags: list[str], passthrough: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "train.py"), f"--preset={spec['preset']}", f"--model.path={ckpt}",
            f"--data.train_path={episodes}", f"--data.eval_path={episodes}",
            f"--data.eval_limit={max(2, nproc)}",  # train.py evaluates before step 1: keep that short
            "--data.shuffle=false", f"--train.max_steps={steps}", "--train.eval_every=0", "--train.save_every=0",
            "--train.log_every=1", "--train.eval_at_start=false", f"--train.run_dir={run_dir}"]
-    if ignore_eos_supported():
-        cmd.append("--rollout.ignore_eos=true")
-    return cmd + spec["extra"] + passthrough
+    return cmd + flags + spec["extra"] + passthrough
 
 
-def launch(cmd: list[str], run_dir: Path, steps: int, timeout_s: float, log_path: Path) -> dict:
+def launch(cmd: list[str], run_dir: Path, steps: int, timeout_s: float, log_path: Path,
+           env_extra: dict | None = None) -> dict:
     """Run train.py under torchrun with output streamed to log_path; stop it once `steps` train rows are logged
-    (the final evaluation and checkpoint are no part of a step) or at the timeout. Returns rows and how it ended."""
-    env = {**os.environ, **CHILD_ENV}
+    (the final evaluation and checkpoint are no part of a step) or at the timeout. Returns rows and how it ended.
+    env_extra: more environment for the child (e.g. TORCHINDUCTOR_CACHE_DIR)."""
+    env = {**os.environ, **CHILD_ENV, **(env_extra or {})}
     t0 = time.perf_counter()
     seen = 0
     with open(log_path, "w") as log:
@@ -431,24 +489,35 @@ def summarize(model: str, shape: dict, rows: list[dict], episodes, tokenizer, cf
     out["step_s_max"] = max(r["step_s"] for r in measured)
     out["world_size"] = world
 
-    # the problems of each measured step: cursor after the step - batch (data order unshuffled)
+    # per-token cost (issue 11): sums over the measured steps, so a step with more tokens weighs more
+    for phase, tokens_key in (("score", "score_tokens"), ("update", "train_tokens")):
+        secs = [r[f"{phase}_s"] for r in measured if r.get(f"{phase}_s") is not None and r.get(tokens_key)]
+        toks = [r[tokens_key] for r in measured if r.get(f"{phase}_s") is not None and r.get(tokens_key)]
+        out[f"{phase}_s_per_1k_tokens"] = 1000 * sum(secs) / sum(toks) if toks else None
+    for key in ("memory_tokens", "memory_full", "answer_tokens"):  # what the lengths actually were
+        out[key] = mean_of(measured, key)
+
+    # sum of S^2: train.py's attn_len_sq; else simulated, which only knows uniform lengths (every turn at its budget)
+    uniform = cfg.rollout.ignore_eos and not cfg.rollout.length_profile
     len_sq, sim_tokens = [], []
     for r in measured:
         if r.get("attn_len_sq") is not None:
             len_sq.append(r["attn_len_sq"])
             continue
-        end = r.get("cursor", r["step"] * batch)
+        if not uniform:
+            break
+        end = r.get("cursor", r["step"] * batch)  # the problems of the step: cursor after it - batch (unshuffled)
         step_eps = [episodes[i % len(episodes)] for i in range(end - batch, end)]
         lengths = simulated_lengths(step_eps, tokenizer, cfg, seed=r["step"])
         len_sq.append(sum(s * s for s in lengths))
         sim_tokens.append(sum(lengths))
-    out["attn_len_sq"] = statistics.mean(len_sq)
+    out["attn_len_sq"] = statistics.mean(len_sq) if len(len_sq) == len(measured) else None
     tokens, resp = mean_of(measured, "train_tokens"), mean_of(measured, "response_tokens")
     out.update(train_tokens=tokens, response_tokens=resp, score_tokens=mean_of(measured, "score_tokens"),
                rollout_new_tokens=mean_of(measured, "rollout_new_tokens"))
     if sim_tokens and tokens:
         out["simulated_tokens_vs_measured"] = statistics.mean(sim_tokens) / tokens
-    if tokens and resp:
+    if tokens and resp and out["attn_len_sq"] is not None:
         fwd = forward_flops(shape, tokens, resp, out["attn_len_sq"])
         out["update_flops"] = 3 * fwd
         out["score_flops"] = fwd * (out["score_tokens"] or 0) / tokens  # one forward per scored copy of the batch
@@ -468,6 +537,24 @@ def summarize(model: str, shape: dict, rows: list[dict], episodes, tokenizer, cf
     steps_per_epoch = math.ceil(GSM8K_TRAIN_PROBLEMS / batch)
     out["ten_epochs_h"] = EPOCHS * steps_per_epoch * phases["step_s"] / 3600
     out["steps_per_epoch"] = steps_per_epoch
+    return out
+
+
+def length_ratios(results: list[dict]) -> list[dict]:
+    """Per-token cost at real over uniform lengths, for each (model, compile_train) that has both measured."""
+    out = []
+    for real in results:
+        if real.get("lengths") != "real":
+            continue
+        uniform = next((u for u in results if u.get("lengths") == "uniform" and u["model"] == real["model"]
+                        and u.get("compile_train") == real.get("compile_train")), None)
+        if uniform is None:
+            continue
+        row = {"model": real["model"], "compile_train": real.get("compile_train", False)}
+        for phase in ("score", "update"):
+            a, b = real.get(f"{phase}_s_per_1k_tokens"), uniform.get(f"{phase}_s_per_1k_tokens")
+            row[f"{phase}_ratio"] = a / b if a and b else None
+        out.append(row)
     return out
 
 
@@ -496,14 +583,13 @@ def run(args, passthrough: list[str]) -> int:
     episodes_path, tokenizer_dir = prepared / EPISODES, prepared / TOKENIZER
     if not episodes_path.is_file() or not (tokenizer_dir / "tokenizer.json").is_file():
         sys.exit(f"{prepared}: run `python -m benchmarks.bench_step prepare --out {args.prepared}` first")
+    real_ckpt = Path(args.model_path).resolve() if args.model_path else None
+    if real_ckpt is not None and not (real_ckpt / "config.json").is_file():
+        sys.exit(f"--model-path {real_ckpt}: no config.json (an HF checkpoint directory is expected)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(args.nproc)
-    env["ignore_eos"] = ignore_eos_supported()
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
-    if not env["ignore_eos"]:
-        print("WARNING: train.py has no rollout.ignore_eos yet: turns stop at a sampled end token (random weights "
-              "rarely sample one, 3 of the vocabulary's ids)", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gemm = measure_gemm(device)
     peaks = {"gemm": gemm}
@@ -512,49 +598,70 @@ def run(args, passthrough: list[str]) -> int:
         peaks["spec"] = spec
     print(f"{'bf16 GEMM 8192^3' if device.type == 'cuda' else 'fp32 GEMM 1024^3'}: {gemm:.3g} TFLOP/s"
           + (f" | spec dense bf16 peak {spec:.0f} TFLOP/s" if spec else ""), flush=True)
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    results = {"env": env, "peaks_tflops": peaks, "models": []}
-    models = ["1.5b", "4b"] if args.model == "both" else [args.model]
-    for model in models:
-        spec_m = MODELS[model]
-        steps = args.steps or spec_m["steps"]
-        shape = dict(spec_m["shape"])
-        if model == "tiny":
-            shape["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
-        work = Path(tempfile.mkdtemp(prefix=f"bench_step_{model}_"))  # checkpoints stay out of --out
-        res = {"model": model}
-        try:
-            t = time.perf_counter()
-            ckpt = make_checkpoint(shape, tokenizer_dir, work / "ckpt", spec_m["dtype"])
-            print(f"[{model}] random checkpoint in {time.perf_counter() - t:.0f} s; launching train.py "
-                  f"(nproc {args.nproc}, {steps} steps)", flush=True)
-            cmd = train_command(model, ckpt, episodes_path, work / "run", args.nproc, steps, passthrough)
-            cfg = parse_cli(cmd[cmd.index(str(REPO / "train.py")) + 1:])
-            log_path = out / f"train_{model}.log"
-            left = args.budget - (time.perf_counter() - t_start) - 10  # 10 s to stop the child and write
-            if left < 60:
-                raise RuntimeError(f"skipped: {left:.0f} s left of the {args.budget:.0f} s budget")
-            child = launch(cmd, work / "run", steps, min(args.timeout or spec_m["timeout_s"], left), log_path)
-            rc = f" (exit code {child['returncode']})" if child["ended"] == "exited" else ""
-            print(f"[{model}] train.py {child['ended']}{rc} after {child['wall_s']:.0f} s; log {log_path}", flush=True)
-            for name in ("metrics.jsonl", "run_config.json"):
-                if (work / "run" / name).is_file():
-                    shutil.copy2(work / "run" / name, out / f"{model}_{name}")
-            episodes = load_episodes(episodes_path)
-            res = summarize(model, shape, child["rows"], episodes, tokenizer, cfg, args.nproc, peaks)
-            res.update(ended=child["ended"], returncode=child["returncode"], child_wall_s=child["wall_s"],
-                       command=" ".join(cmd), sizes=sizes(cfg, child["rows"], episodes))
-            if not child["rows"]:
-                why = "before the timeout" if child["ended"].startswith("timeout") else f"({root_cause(log_path)})"
-                res["error"] = f"no step logged {why}; see {log_path}"
-        except Exception as e:  # noqa: BLE001 - one model's failure must not lose the other's results
-            res["error"] = repr(e)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if res.get("error"):
-            print(f"[{model}] FAILED: {res['error']}", flush=True)
-        results["models"].append(res)
-        write(results, out)  # after every model, so a later crash keeps the earlier table
+    if real_ckpt is not None:  # a real model: its own shape, tokenizer and end tokens
+        models = ["path"]
+        specs = {"path": dict(preset=args.preset, shape=json.loads((real_ckpt / "config.json").read_text()), steps=3,
+                              timeout_s=420, dtype="bfloat16", extra=[])}
+        tokenizer = Tokenizer.from_pretrained(real_ckpt)
+    else:
+        models = ["1.5b", "4b"] if args.model == "both" else [args.model]
+        specs = MODELS
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    results = {"env": env, "peaks_tflops": peaks, "models": [], "profile": args.profile,
+               "model_path": str(real_ckpt) if real_ckpt else None}
+    episodes = load_episodes(episodes_path)
+    checkpoints: dict[str, Path] = {}  # one random checkpoint per model, shared by its variants
+    work = Path(tempfile.mkdtemp(prefix="bench_step_"))  # checkpoints and run dirs stay out of --out
+    try:
+        for v in variants(models, args.lengths, args.compile_train):
+            spec_m = specs[v.model]
+            steps = args.steps or spec_m["steps"]
+            shape = dict(spec_m["shape"])
+            if v.model == "tiny":
+                shape["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+            tag = v.label.replace(" +", "_").replace(" ", "_")
+            res = {"model": v.model, "label": v.label, "lengths": v.lengths, "compile_train": v.compile_train}
+            try:
+                if v.model not in checkpoints:
+                    t = time.perf_counter()
+                    checkpoints[v.model] = real_ckpt or make_checkpoint(shape, tokenizer_dir, work / f"ckpt_{v.model}",
+                                                                        spec_m["dtype"])
+                    print(f"[{v.model}] checkpoint ready in {time.perf_counter() - t:.0f} s", flush=True)
+                flags = v.flags(args.profile) + [f"--rollout.compile={args.generator_compile}"]
+                run_dir = work / f"run_{tag}"
+                cmd = train_command(spec_m, checkpoints[v.model], episodes_path, run_dir, args.nproc, steps, flags,
+                                    passthrough)
+                cfg = parse_cli(cmd[cmd.index(str(REPO / "train.py")) + 1:])
+                log_path = out / f"train_{tag}.log"
+                left = args.budget - (time.perf_counter() - t_start) - 10  # 10 s to stop the child and write
+                if left < 60:
+                    raise RuntimeError(f"skipped: {left:.0f} s left of the {args.budget:.0f} s budget")
+                print(f"[{v.label}] launching train.py (nproc {args.nproc}, {steps} steps)", flush=True)
+                child = launch(cmd, run_dir, steps, min(args.timeout or spec_m["timeout_s"], left), log_path)
+                rc = f" (exit code {child['returncode']})" if child["ended"] == "exited" else ""
+                print(f"[{v.label}] train.py {child['ended']}{rc} after {child['wall_s']:.0f} s; log {log_path}",
+                      flush=True)
+                for name in ("metrics.jsonl", "run_config.json"):
+                    if (run_dir / name).is_file():
+                        shutil.copy2(run_dir / name, out / f"{tag}_{name}")
+                res.update(summarize(v.model, shape, child["rows"], episodes, tokenizer, cfg, args.nproc, peaks))
+                res.update(label=v.label, ended=child["ended"], returncode=child["returncode"],
+                           child_wall_s=child["wall_s"], command=" ".join(cmd),
+                           sizes=sizes(cfg, child["rows"], episodes))
+                if not child["rows"]:
+                    why = "before the timeout" if child["ended"].startswith("timeout") else f"({root_cause(log_path)})"
+                    res["error"] = f"no step logged {why}; see {log_path}"
+            except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others' results
+                res["error"] = repr(e)
+            finally:
+                shutil.rmtree(work / f"run_{tag}", ignore_errors=True)
+            if res.get("error"):
+                print(f"[{v.label}] FAILED: {res['error']}", flush=True)
+            results["models"].append(res)
+            results["length_ratios"] = length_ratios(results["models"])
+            write(results, out)  # after every launch, so a later crash keeps the earlier table
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - t_start
     print("\n" + write(results, out))
     return 0 if all(not m.get("error") and m.get("steps_measured") for m in results["models"]) else 1
@@ -588,22 +695,24 @@ def write(results: dict, out: Path) -> str:
     """bench_step.json + bench_step.md under out; returns the markdown."""
     (out / "bench_step.json").write_text(json.dumps(results, indent=2) + "\n")
     e, p = results["env"], results["peaks_tflops"]
-    lines = ["# Step benchmark (train.py, random weights)", "",
+    lines = ["# Step benchmark (train.py" + (f", {results['model_path']}" if results.get("model_path") else
+                                              ", random weights") + ")", "",
              f"{e['nproc']} x {e['device']} ({e['gpus']} visible) | torch {e['torch']} (CUDA {e['cuda']}) | triton "
-             f"{e['triton']} | transformers {e['transformers']} | {e['date']} | ignore_eos={e['ignore_eos']}", "",
+             f"{e['triton']} | transformers {e['transformers']} | {e['date']}", "",
              f"Peaks: measured GEMM {p['gemm']:.3g} TFLOP/s" + (f", spec {p['spec']:.0f} TFLOP/s" if "spec" in p
                                                                   else "") + ".", "",
-             "| model | steps | step s | rollout | scoring | update | other | train tok/s/GPU | rollout tok/s/GPU | "
+             "| run | steps | step s | rollout | scoring | update | other | train tok/s/GPU | rollout tok/s/GPU | "
              "update TFLOP/s/GPU | MFU spec | MFU GEMM | peak GiB/GPU | 10 epochs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
+        label = m.get("label", m["model"])
         if not m.get("steps_measured"):
-            lines.append(f"| {m['model']} | {m.get('steps_logged', 0)} logged, none measured | " + " | ".join(
+            lines.append(f"| {label} | {m.get('steps_logged', 0)} logged, none measured | " + " | ".join(
                 ["-"] * 12) + " |")
             continue
         steps = "warm-up only" if m["warmup_only"] else m["steps_measured"]
         lines.append(
-            f"| {m['model']} | {steps} | {fmt(m['step_s'])} ({fmt(m['step_s_min'])}-{fmt(m['step_s_max'])}) | "
+            f"| {label} | {steps} | {fmt(m['step_s'])} ({fmt(m['step_s_min'])}-{fmt(m['step_s_max'])}) | "
             f"{fmt(m['rollout_s'])} | {fmt(m['score_s'])} | {fmt(m['update_s'])} | "
             f"{fmt(m['other_s'])} | {fmt(m.get('train_tokens_per_s_per_gpu'), ',.0f')} | "
             f"{fmt(m.get('rollout_tokens_per_s_per_gpu'), ',.0f')} | {fmt(m.get('update_tflops_per_gpu'), '.3g')} | "
@@ -614,9 +723,25 @@ def write(results: dict, out: Path) -> str:
               f"linear layers, lm_head on response rows, causal attention per sequence). 10 epochs = "
               f"{EPOCHS} x ceil({GSM8K_TRAIN_PROBLEMS:,} / problems) steps at the mean step time; the paper: "
               f"~{PAPER_STEP_S:.0f} s/step, ~30 h on 2 x A100.", ""]
+    measured = [m for m in results["models"] if m.get("steps_measured")]
+    if measured:
+        lines += ["Per token (sums over the measured steps; lengths as train.py logged them; real = "
+                  + ("the model's own EOS" if results.get("model_path") else
+                     f"length profile {results.get('profile')}") + "):", "",
+                  "| run | update tokens/step | scoring s / 1k tok | update s / 1k tok | memory turn tokens | "
+                  "memory turns at the cap | answer tokens |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {m.get('label', m['model'])} | {fmt(m.get('train_tokens'), ',.0f')} | "
+                  f"{fmt(m.get('score_s_per_1k_tokens'), '.4f')} | {fmt(m.get('update_s_per_1k_tokens'), '.4f')} | "
+                  f"{fmt(m.get('memory_tokens'), '.1f')} | {fmt(m.get('memory_full'), '.1%')} | "
+                  f"{fmt(m.get('answer_tokens'), '.1f')} |" for m in measured]
+        for r in results.get("length_ratios", []):
+            lines.append(f"\n**{r['model']}{' +compile_train' if r['compile_train'] else ''}: per-token cost real / "
+                         f"uniform = scoring {fmt(r['score_ratio'], '.2f')}, update {fmt(r['update_ratio'], '.2f')}** "
+                         f"(issue 11 target <= 1.3)")
+        lines.append("")
     for m in results["models"]:
         s = m.get("sizes") or {}
-        lines.append(f"**{m['model']}** ({m.get('preset', '')}): " + (
+        lines.append(f"**{m.get('label', m['model'])}** ({m.get('preset', '')}): " + (
             f"{s.get('problems')} problems x G = {s.get('group_size')}, {fmt(s.get('shards_per_problem'), '.2f')} "
             f"shards per problem, memory {s.get('memory_cap')}, answer {s.get('response_max')}, micro-batch "
             f"{s.get('micro_batch_tokens')} tokens, kl_coef {s.get('kl_coef')}; per step: "
@@ -629,6 +754,9 @@ def write(results: dict, out: Path) -> str:
         if w:
             lines.append(f"  warm-up step: {w.get('step_s')} s (rollout {w.get('rollout_s')}, scoring "
                          f"{w.get('score_s')}, update {w.get('update_s')}), peak {w.get('peak_mem_gib')} GiB.")
+            if w.get("first_step_s"):
+                lines.append("  first step parts (train.py first_step_s): " + ", ".join(
+                    f"{k} {v}" for k, v in w["first_step_s"].items()) + ".")
         if m.get("ended"):
             rc = f", exit code {m.get('returncode')}" if m["ended"] == "exited" else ""
             lines.append(f"  train.py {m['ended']}{rc}, {fmt(m.get('child_wall_s'), '.0f')} s from launch.")
@@ -660,6 +788,16 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="random checkpoint + train.py under torchrun + the table")
     r.add_argument("--prepared", default=".bench")
     r.add_argument("--model", choices=("1.5b", "4b", "both", "tiny"), default="both")
+    r.add_argument("--model-path", default="", help="a real HF checkpoint directory (config.json, safetensors, "
+                   "tokenizer) instead of random weights: real lengths = its own EOS; replaces --model")
+    r.add_argument("--preset", default="paper-1.5b", help="train.py preset for --model-path")
+    r.add_argument("--lengths", choices=("both", "uniform", "real"), default="both",
+                   help="uniform: every turn to its budget; real: the length profile (random weights) or EOS")
+    r.add_argument("--profile", default=DEFAULT_PROFILE, help="rollout.length_profile of the real-length runs")
+    r.add_argument("--compile-train", choices=("off", "on", "both"), default="off",
+                   help="model.compile_train: torch.compile each decoder block for scoring and the update")
+    r.add_argument("--generator-compile", choices=("decode", "all", "none"), default="decode",
+                   help="rollout.compile: what the rollout's generator compiles")
     r.add_argument("--nproc", type=int, default=2)
     r.add_argument("--steps", type=int, default=0, help="steps incl. the warm-up (default: 1.5b 3, 4b 2, tiny 3)")
     r.add_argument("--timeout", type=float, default=0, help="seconds per train.py (default: 1.5b 220, 4b 280)")

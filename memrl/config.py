@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.length_profile import PROFILES
 # The turn templates (DESIGN §4) live in memrl.templates; here they are data, overridable like any other field.
 from memrl.templates import (FINAL_TEMPLATE, MEMORY_TEMPLATE, REASONED_FINAL_TEMPLATE,
                              REASONED_SINGLE_TURN_TEMPLATE, SINGLE_TURN_TEMPLATE)
@@ -40,6 +41,8 @@ class ModelCfg:
     # forward/backward and rollout (FSDP2 mixed precision, also on one process); float32: everything fp32
     ref_path: str = ""  # frozen KL reference; "" = the starting weights (`path`), as in verl/MemAgent
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
+    compile_train: bool = False  # torch.compile each block's RMSNorms and SwiGLU MLP for scoring and the update
+    # (memrl/compile.py): fused elementwise work; compiles once (seconds to tens of seconds) in the first step
 
     def __post_init__(self):
         assert self.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unknown dtype {self.dtype!r}"
@@ -58,6 +61,10 @@ class RolloutCfg:
     ignore_eos: bool = False  # benchmarks only: every turn runs to its full token budget (random weights never stop)
     thinking_budget_tokens: int = 0  # thinking models: room for <think> reasoning on top of each turn's budget;
     # the memory / answer after the reasoning keeps its own cap (memrl/rollout.py says why)
+    compile: str = "decode"  # what the generator torch.compiles: decode (its CUDA-graphed step; prefill eager: one
+    # compile less in the first step, memrl/generate.py) | all (decode + prefill) | none
+    length_profile: str = ""  # benchmarks, with ignore_eos: each request stops at a length drawn from this named
+    # distribution (memrl/length_profile.py: a real model's lengths) instead of its full budget; "" = off
     initial_memory: str = "No previous memory."  # the fixed memory m_0 shown at the first turn
     memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
     final_template: str = FINAL_TEMPLATE  # paper Figure 4 (final turn); full-history fills {memory} with all shards
@@ -70,6 +77,10 @@ class RolloutCfg:
         assert self.thinking_budget_tokens >= 0, "rollout.thinking_budget_tokens must be >= 0"
         assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
         assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
+        assert self.compile in ("decode", "all", "none"), f"rollout.compile: {self.compile!r} (decode | all | none)"
+        assert not self.length_profile or self.ignore_eos, "rollout.length_profile needs rollout.ignore_eos=true"
+        assert not self.length_profile or self.length_profile in PROFILES, (
+            f"rollout.length_profile: unknown {self.length_profile!r}; known: {sorted(PROFILES)}")
         for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
                            ("final_template", ("{question}", "{memory}")),
                            ("single_turn_template", ("{question}", "{problem}"))):

@@ -20,8 +20,9 @@ How a call runs
      alone would leave the GPU decoding a thin tail; admission alone (without moving rows) would need a slot
      table in the attention kernel. Prefill in admission batches rather than per freed slot keeps prefill GEMMs
      large.
-  4. On GPU each decode step is a CUDA graph, captured once per batch-size bucket (1, 2, 4, 8, 16, 32, 48, ...
-     up to the slot count; padding rows are inert) and replayed: forward, attention over each row's valid KV
+  4. On GPU each decode step is a CUDA graph, captured on first use per batch-size bucket (32, 64, 96, ... up to
+     the slot count; padding rows are inert) and cache layout (a call's slot length), kept across calls, and
+     replayed: forward, attention over each row's valid KV
      (kernels/decode_attention.py), sampling (a fused Triton sampler; rows with top-k/top-p replay a
      forward-only graph and sort outside it) and the state update, all on the device. The attention kernel also
      appends the step's K/V to the cache (no separate cache-write kernels). The host looks at the
@@ -30,6 +31,20 @@ How a call runs
      RoPE, SwiGLU, residuals; `compile=`), falling back to eager, with a warning, if compilation fails
      (`compile_fallback=False` raises instead). Every forward runs under torch.no_grad(), whatever the caller's
      grad mode: the attention custom ops have no autograd formula.
+  5. The first call's cost (issue 11: the first RL step) is compilation and capture; each is kept to one-off work:
+       - ONE compile of the decode step, whatever the batch, slot count or lengths: dynamic shapes, no duck sizing
+         (two sizes equal by chance would otherwise be assumed equal and recompile later), and no graph bucket
+         below 32 rows (a batch of 1 would be specialised: a second compile). The prefill stays eager unless
+         `compile_prefill` (its GEMMs are large, so compiling saves ~20% of the prefill, a few % of a rollout, for
+         one more full-model compile); compiled, it gets the same treatment (sizes of 1 padded to 2).
+       - few graphs: buckets of 32 rows (64 above 256 rows), since below ~256 rows a decode step reads the
+         weights once whatever the batch (measured flat below 64 rows on H100; padding rows cost ~nothing), and
+         a layout's graphs are kept when the next call uses another slot length (memory vs answer turns
+         alternate), so a rollout captures each (bucket, layout) once, not once per call.
+       - the compiled code is cached by inductor on disk (TORCHINDUCTOR_CACHE_DIR, default
+         /tmp/torchinductor_$USER): a second run on the same machine skips most of the compile.
+     `stats` reports compile_s / capture_s (and compiles / captures) apart from prefill_s; `lifetime` sums them
+     over all calls. benchmarks/bench_first_step.py measures each part.
 
 Guarantees
   - Greedy = argmax at every step (equal to transformers' greedy generate and to a full-recompute loop, up to
@@ -55,6 +70,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 from kernels.backend import get_backend
@@ -86,15 +102,19 @@ class _Request:
     samples: list[int]  # sample indices not yet admitted
 
 
+MIN_BUCKET = 32  # rows; also keeps a batch of 1 (a size the compiler would specialise) out of the compiled step
+
+
 def _bucket(n: int, cap: int) -> int:
-    """Batch sizes that get their own CUDA graph (about 20 up to 512 rows). Below 64 rows a step costs about the
-    same at any batch size (it reads the weights once), above that padding adds at most ~25%."""
-    if n <= 8:
-        b = 1 << (n - 1).bit_length()
-    else:
-        step = 16 if n <= 128 else 32 if n <= 256 else 64 if n <= 512 else 128
-        b = -(-n // step) * step
-    return min(b, cap)
+    """Batch sizes that get their own CUDA graph: 12 up to 512 rows (32, 64, ..., 256, 320, ..., 512, 640, ...).
+    A decode step reads every weight once, whatever the batch: its GEMMs stay bandwidth-bound up to ~256 rows on
+    H100/H200 (the bf16 ridge point is ~300 FLOP per weight byte), and a padding row attends over one key, so
+    padding costs ~nothing there; above 256 rows it adds at most 25%. Fewer buckets = fewer captures."""
+    step = MIN_BUCKET if n <= 256 else 64 if n <= 512 else 128
+    return min(-(-n // step) * step, cap)
+
+
+MAX_LAYOUTS = 8  # cache layouts (slot lengths) whose CUDA graphs are kept; a rollout alternates between a few
 
 
 class _SlotState:
@@ -139,7 +159,7 @@ class Generator:
     def __init__(self, model: Transformer, vocab_size: int, kv_budget_tokens: int | None = None,
                  kv_memory_fraction: float = 0.5, prefill_tokens: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | None = None, sync_every: int | None = None,
-                 kernels: str | None = None, compile_fallback: bool = True):
+                 kernels: str | None = None, compile_fallback: bool = True, compile_prefill: bool = False):
         """model: our Transformer (any device/dtype). vocab_size: the tokenizer's real size (ids above it are masked).
 
         kv_budget_tokens: KV cache size in tokens (all rows x their slot length); default on GPU: kv_memory_fraction
@@ -147,6 +167,7 @@ class Generator:
         prefill_tokens: padded tokens per prefill batch (bounds activation memory); default 32k GPU / 8k CPU.
         cuda_graphs / compile: default on when the model is on CUDA. A compiler failure falls back to eager with a
           warning (and sets `compile_error`), or raises with compile_fallback=False (benchmarks: no silent regression).
+        compile_prefill: compile the prefill too (with `compile`); off by default: see "first call" above.
         sync_every: decode steps between host looks at the device; default 16 on GPU, 1 on CPU (syncs are free).
         kernels: "triton" | "torch" | None (kernels.get_backend(); "auto" = Triton on CUDA, the torch references on
           CPU even under TRITON_INTERPRET, which is for kernel tests — pass "triton" to run the interpreter).
@@ -165,6 +186,7 @@ class Generator:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.compile = on_cuda if compile is None else compile
         self.compile_fallback = compile_fallback
+        self.compile_prefill = compile_prefill
         self.compile_error: str | None = None
         self.kv_budget_tokens = kv_budget_tokens
         self.kv_memory_fraction = kv_memory_fraction
@@ -177,9 +199,12 @@ class Generator:
         self.state: _SlotState | None = None
         self._layout_key = None
         self._graphs: dict = {}
+        self._layouts: dict = {}  # earlier layout key -> (its slot state, its graphs), least recently used first
         self._pool = None
         self._decode_fn = self._prefill_fn = None
         self.last_stats: dict = {}
+        self.stats: dict = {}
+        self.lifetime = dict(compile_s=0.0, compiles=0, capture_s=0.0, captures=0)  # over every call
 
     # -- public ----------------------------------------------------------------------------------------------
 
@@ -204,7 +229,8 @@ class Generator:
         entry point for driving single decode steps (benchmarks/bench_generate.py)."""
         requests, results = self._requests(prompts, params)
         self.stats = dict(rows=len(results), prefill_s=0.0, prefill_tokens=0, prefill_padded_tokens=0,
-                          decode_steps=0, decode_row_steps=0, padded_row_steps=0, capture_s=0.0, admissions=0)
+                          decode_steps=0, decode_row_steps=0, padded_row_steps=0, capture_s=0.0, captures=0,
+                          compile_s=0.0, compiles=0, admissions=0)
         live = [r for r in requests if r.max_new > 0]
         if live:
             self._prepare(live, len(results))
@@ -213,7 +239,7 @@ class Generator:
     def release(self) -> None:
         """Free the KV cache and the CUDA graphs (their memory returns to PyTorch's allocator)."""
         self.cache.release()
-        self.state, self._layout_key, self._graphs, self._pool = None, None, {}, None
+        self.state, self._layout_key, self._graphs, self._layouts, self._pool = None, None, {}, {}, None
 
     # -- validation and planning -------------------------------------------------------------------------------
 
@@ -259,11 +285,7 @@ class Generator:
         weights = tuple(p.data_ptr() for p in self.model.parameters())
         key = (self.cache.buffer.data_ptr(), self.cache.capacity, slot_len, max_stop, weights)
         if key != self._layout_key:
-            S = self.cache.configure(slot_len)
-            self.state = _SlotState(S, slot_len + 1, max_stop, self.cfg.num_key_value_heads, slot_len, self.device)
-            self._graphs = {}
-            self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-            self._layout_key = key
+            self._switch_layout(key, slot_len, max_stop)
         S = self.cache.slots
         self.res_tok = torch.zeros(rows, self.state.width, dtype=torch.int64, device=self.device)
         self.res_logp = torch.zeros(rows, self.state.width, device=self.device)
@@ -277,6 +299,30 @@ class Generator:
         self.state.reset(0, S)  # every slot inert, even after a call that raised half-way
         self.B = 0
         self.stats.update(slots=S, slot_len=slot_len)
+
+    def _switch_layout(self, key: tuple, slot_len: int, max_stop: int) -> None:
+        """Make `key` the current layout: its slot state and graphs from an earlier call if it had this layout (the
+        graphs baked in the addresses of that state, of the cache views, which configure() rebuilds identically for
+        the same buffer and slot length, and of the weights), else new ones. Layouts over another cache buffer or
+        other weights can never come back: dropped, and their graphs' memory with them."""
+        if self._layout_key is not None:
+            self._layouts[self._layout_key] = (self.state, self._graphs)
+        for old in [k for k in self._layouts if (k[0], k[1], k[4]) != (key[0], key[1], key[4])]:
+            del self._layouts[old]
+        S = self.cache.configure(slot_len)
+        kept = self._layouts.pop(key, None)
+        if kept is not None:
+            self.state, self._graphs = kept
+        else:
+            self.state = _SlotState(S, slot_len + 1, max_stop, self.cfg.num_key_value_heads, slot_len, self.device)
+            self._graphs = {}
+        while len(self._layouts) >= MAX_LAYOUTS:  # least recently used first
+            del self._layouts[next(iter(self._layouts))]
+        if self.cuda_graphs and not self._layouts and not self._graphs:
+            # one memory pool shared by every graph over this buffer (they never run concurrently); a new buffer
+            # (or the first) gets a new pool, the old one is freed with the graphs that were just dropped
+            self._pool = torch.cuda.graph_pool_handle()
+        self._layout_key = key
 
     def _budget_tokens(self, rows: int) -> int:
         if self.kv_budget_tokens is not None:
@@ -317,7 +363,7 @@ class Generator:
 
     @torch.no_grad()
     def _admit(self, waiting: deque) -> None:
-        t0 = self._now()
+        t0, compiling0 = self._now(), self.lifetime["compile_s"]
         st, lo = self.state, self.B
         free = self.cache.slots - lo
         entries = []  # (request, sample indices, first slot)
@@ -365,11 +411,15 @@ class Generator:
             i = j
         self.B = hi
         self.stats["admissions"] += 1
-        self.stats["prefill_s"] += self._now() - t0
+        self.stats["prefill_s"] += self._now() - t0 - (self.lifetime["compile_s"] - compiling0)  # compile_s apart
 
     def _prefill(self, entries) -> None:
         P, T = len(entries), len(entries[0][0].ids)
-        ids = torch.zeros(P, T, dtype=torch.int64)
+        # compiled, a size of 1 would be specialised (one more compile): such a batch, length or fork is padded to
+        # 2 (a padding row's logits are never read, a padding position is overwritten by the first decode step, a
+        # repeated (slot, row) pair writes the same K/V twice)
+        least = 2 if self.compile and self.compile_prefill else 1
+        ids = torch.zeros(max(P, least), max(T, least), dtype=torch.int64)
         lens, dst, src = [], [], []
         for r, (req, take, first) in enumerate(entries):
             ids[r, :len(req.ids)] = torch.tensor(req.ids)
@@ -377,14 +427,15 @@ class Generator:
             dst += range(first, first + len(take))
             src += [r] * len(take)
         dev = self.device
-        ids, dst_t, src_t = ids.to(dev), torch.tensor(dst, device=dev), torch.tensor(src, device=dev)
-        last = torch.tensor(lens, device=dev) - 1
-        positions = torch.arange(T, device=dev).expand(P, T)
-        logits = self._prefill_forward(ids, positions, last, dst_t, src_t)[src_t]  # (rows, V): one per sample
+        dst_t, src_t = torch.tensor(dst, device=dev), torch.tensor(src, device=dev)
+        fork_dst, fork_src = (dst_t, src_t) if len(dst) >= least else (dst_t.repeat(least), src_t.repeat(least))
+        last = torch.tensor(lens + [1] * (ids.shape[0] - P), device=dev) - 1
+        positions = torch.arange(ids.shape[1], device=dev).expand(ids.shape)
+        logits = self._prefill_forward(ids.to(dev), positions, last, fork_dst, fork_src)[src_t]  # (rows, V)
         trunc = self.h_trunc[dst]
         self._sample_and_advance(dst_t, logits, np.flatnonzero(trunc) if trunc.any() else None)
         self.stats["prefill_tokens"] += sum(lens)
-        self.stats["prefill_padded_tokens"] += P * T
+        self.stats["prefill_padded_tokens"] += ids.numel()
 
     @torch.no_grad()
     def _compact(self) -> None:
@@ -441,11 +492,12 @@ class Generator:
             graph, logits = self._graph(Bb, fused)
             graph.replay()
         else:
+            if not self.use_triton:  # torch attention reads keys up to the longest live row only
+                self.cache.host_max_len = int(min((self.h_len[:B] + self.h_gen[:B]).max(), self.cache.slot_len))
             if self._rehearse and (Bb, fused) not in self._graphs:
                 self._warm_up(Bb, fused)
                 self._graphs[(Bb, fused)] = None
-            if not self.use_triton:  # torch attention reads keys up to the longest live row only
-                self.cache.host_max_len = int(min((self.h_len[:B] + self.h_gen[:B]).max(), self.cache.slot_len))
+                self._count("capture", 0.0, 1)
             logits = self._step_body(Bb, fused)
         if not fused:
             self._sample_and_advance(self.state.rows[:Bb], logits, truncate_rows)
@@ -500,36 +552,51 @@ class Generator:
 
     def _prefill_forward(self, ids, positions, last, dst, src):
         if self._prefill_fn is None:
-            self._prefill_fn = self._maybe_compile(_make_prefill_fn(self.model, self.cache.id))
+            fn = _make_prefill_fn(self.model, self.cache.id)
+            self._prefill_fn = self._maybe_compile(fn) if self.compile_prefill else torch.no_grad()(fn)
         return self._prefill_fn(ids, positions, last, dst, src)
 
     def _maybe_compile(self, fn):
         """fn, compiled when self.compile. Every forward runs under no_grad whatever the caller's mode: the attention
         custom ops have no autograd formula, and a compile traced with grad on would fail on them (and keep
-        activations for a backward that never comes)."""
+        activations for a backward that never comes). A call that compiled adds its time to compile_s."""
         compiled = torch.compile(fn, dynamic=True) if self.compile else None
 
         @torch.no_grad()
         def call(*args):
             if self.compile and compiled is not None:
+                graphs, t0 = _compiled_graphs(), time.perf_counter()
                 try:
-                    return compiled(*args)
+                    # no duck sizing: sizes equal by chance at the first call would be assumed equal for good, and
+                    # the first call where they differ would compile the whole model again
+                    with fx_config.patch(use_duck_shape=False):
+                        out = compiled(*args)
                 except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly, loudly (or raise)
                     if not self.compile_fallback:
                         raise
                     self.compile_error = f"{type(e).__name__}: {e}"
                     warnings.warn(f"torch.compile failed ({self.compile_error}); continuing eagerly")
                     self.compile = False
+                else:
+                    if _compiled_graphs() > graphs:
+                        self._count("compile", time.perf_counter() - t0, _compiled_graphs() - graphs)
+                    return out
             return fn(*args)
 
         return call
+
+    def _count(self, what: str, seconds: float, n: int) -> None:
+        """Add to this call's stats and the lifetime totals: compile_s / compiles, capture_s / captures."""
+        for d in (self.stats, self.lifetime):
+            d[f"{what}_s"] = d.get(f"{what}_s", 0.0) + seconds
+            d[f"{what}s"] = d.get(f"{what}s", 0) + n
 
     @torch.no_grad()
     def _graph(self, Bb: int, fused: bool):
         """The CUDA graph of one decode step at bucket size Bb (captured on first use)."""
         key = (Bb, fused)
         if key not in self._graphs:
-            t0 = time.perf_counter()
+            t0, compiling0 = time.perf_counter(), self.lifetime["compile_s"]
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: compiles kernels, initialises cuBLAS, outside the capture
@@ -539,7 +606,8 @@ class Generator:
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._step_body(Bb, fused)
             self._graphs[key] = (graph, out)
-            self.stats["capture_s"] += time.perf_counter() - t0
+            # the warm-up may have compiled the step (the first capture does): that time is compile_s, not capture
+            self._count("capture", time.perf_counter() - t0 - (self.lifetime["compile_s"] - compiling0), 1)
         return self._graphs[key]
 
     def _warm_up(self, Bb: int, fused: bool) -> None:
@@ -555,6 +623,13 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its own counter): a call that raised it compiled."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _make_decode_fn(model: Transformer, cache_id: int):

@@ -31,6 +31,9 @@ Invariants:
   on the seed, the step, its problem, its sample index and the policy, never on the rest of the batch or on
   wall-clock state. The episode id is global (not the problem's index in this call), so N ranks each rolling out
   their slice of a step's problems sample what one process rolling out all of them samples.
+- Benchmarks on random weights (Sampling.ignore_eos: no stop ids) may set a length profile: each request's
+  max_new_tokens is then drawn from a real model's length distribution (memrl/length_profile.py), seeded from the
+  request's seed, so the packed sequences are as uneven as in training. Its n samples share the draw.
 - Noise shards: episodes from data_tools already hold their noise shards (metadata.noise_positions), and a rollout
   plays every shard in order. `with_noise` (evaluation) inserts n WikiText passages after every problem shard with
   data_tools.noise.make_variant(..., "noisy"), the same placement the offline tool writes.
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from memrl.algo import TurnRecord
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
+from memrl.length_profile import length_limit
 from memrl.templates import PROBLEM_SEPARATOR, Templates
 from memrl.tokenizer import Tokenizer
 
@@ -68,13 +72,15 @@ class Sampling:
     greedy: bool = False
     ignore_eos: bool = False  # benchmarks: no stop ids, every turn runs to its full budget
     thinking_budget_tokens: int = 0  # extra room for a thinking model's reasoning, on top of each turn's budget
+    length_profile: str = ""  # benchmarks, with ignore_eos: per-request limits drawn from memrl/length_profile.py
 
     @classmethod
     def from_config(cls, rollout_cfg, greedy: bool = False) -> "Sampling":
         return cls(memory_cap_tokens=rollout_cfg.memory_cap_tokens,
                    response_max_tokens=rollout_cfg.response_max_tokens, temperature=rollout_cfg.temperature,
                    top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy,
-                   ignore_eos=rollout_cfg.ignore_eos, thinking_budget_tokens=rollout_cfg.thinking_budget_tokens)
+                   ignore_eos=rollout_cfg.ignore_eos, thinking_budget_tokens=rollout_cfg.thinking_budget_tokens,
+                   length_profile=rollout_cfg.length_profile)
 
 
 @dataclass
@@ -178,7 +184,10 @@ def rollout(
         return sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
 
     def params(kind: str, n: int, request_seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=budget(kind) + sampling.thinking_budget_tokens,
+        limit = budget(kind)
+        if sampling.length_profile:  # random weights never stop: a real model's length instead (its n samples share it)
+            limit = length_limit(sampling.length_profile, kind, derive_seed(request_seed, "length"), limit)
+        return SamplingParams(max_new_tokens=limit + sampling.thinking_budget_tokens,
                               temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                               greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
 

@@ -116,3 +116,113 @@ def test_simulated_lengths_follow_the_rollout(tmp_path):
                                                                                "Ann has 3."))
     assert lengths[0] == len(first) + 16 - 1  # prompt + response - 1 packed rows
     assert lengths[2] > 32  # the final turn: a prompt plus the full 32-token answer
+
+
+# ----------------------------------------------------------------------------- issue 11: real lengths
+
+def test_length_profile_draws_have_the_stated_mean_and_cut():
+    """Each kind's capped lognormal: the closed form gives the stated mean and cut share, and 20,000 seeded draws
+    agree with both within 4 standard errors; a seed always draws the same length."""
+    import math
+    import statistics
+
+    from memrl.length_profile import PROFILES, capped_mean
+
+    stated = {"memory": (55.0, 0.03, 256), "final": (150.0, 0.02, 512)}  # the issue's numbers (+ our 2% reading)
+    profile = PROFILES[bench_step.DEFAULT_PROFILE]
+    for kind, (mean, cut, cap) in stated.items():
+        d = profile[kind]
+        assert (d.mean, d.cut, d.cap) == (mean, cut, cap)
+        assert capped_mean(d.mu, d.sigma, cap) == pytest.approx(mean, rel=1e-9)
+        assert 1 - statistics.NormalDist(d.mu, d.sigma).cdf(math.log(cap)) == pytest.approx(cut, rel=1e-9)
+        draws = [d.draw(seed) for seed in range(20_000)]
+        se = statistics.stdev(draws) / math.sqrt(len(draws))
+        assert abs(statistics.mean(draws) - mean) < 4 * se + 0.5  # + rounding to whole tokens
+        assert abs(sum(x == cap for x in draws) / len(draws) - cut) < 4 * math.sqrt(cut * (1 - cut) / len(draws))
+        assert min(draws) >= 1 and max(draws) == cap and d.draw(7) == d.draw(7)
+
+
+def test_length_profile_config_needs_ignore_eos_and_a_known_name():
+    from memrl.config import ConfigError
+
+    cfg = parse_cli(["--rollout.ignore_eos=true", f"--rollout.length_profile={bench_step.DEFAULT_PROFILE}"])
+    assert cfg.rollout.length_profile == bench_step.DEFAULT_PROFILE
+    with pytest.raises(ConfigError, match="ignore_eos"):
+        parse_cli([f"--rollout.length_profile={bench_step.DEFAULT_PROFILE}"])
+    with pytest.raises(ConfigError, match="unknown"):
+        parse_cli(["--rollout.ignore_eos=true", "--rollout.length_profile=nope"])
+
+
+def test_rollout_stops_each_request_at_its_profile_draw():
+    """With a length profile, each request of the rollout generates exactly min(budget, its draw) tokens, the draw
+    seeded from the request's seed as memrl/rollout.py derives it (its n samples share it)."""
+    from pathlib import Path
+
+    from memrl import synthetic
+    from memrl.generate import Generator
+    from memrl.hf_io import load_model
+    from memrl.length_profile import length_limit
+    from memrl.rollout import Sampling, derive_seed, rollout
+    from memrl.templates import Templates
+    from memrl.tokenizer import Tokenizer
+
+    policy = Path(__file__).resolve().parents[1] / "assets" / "synthetic-policy"
+    if not (policy / "config.json").is_file():
+        pytest.skip("assets/synthetic-policy not built")
+    tok = Tokenizer.from_pretrained(policy)
+    gen = Generator(load_model(policy, dtype=torch.float32), tok.vocab_size)
+    episodes = synthetic.make_episodes(3, "train")
+    cfg = parse_cli(["--rollout.memory_cap_tokens=64", "--rollout.response_max_tokens=96", "--rollout.ignore_eos=true",
+                     f"--rollout.length_profile={bench_step.DEFAULT_PROFILE}"])
+    G, seed, step = 2, 5, 3
+    res = rollout(gen, tok, episodes, "memory", G, Templates.from_config(cfg.rollout),
+                  Sampling.from_config(cfg.rollout), seed=seed, step=step)
+    for rec in res.records:
+        traj = res.trajectories[rec.trajectory_id]
+        # the first memory turn's prompt is the same for all G samples: one request, seeded by sample 0
+        first = 0 if rec.turn_index == 0 else traj.sample_index
+        request_seed = derive_seed(seed, step, traj.episode.id, rec.turn_index, first)
+        budget = 64 if rec.kind == "memory" else 96
+        want = length_limit(bench_step.DEFAULT_PROFILE, rec.kind, derive_seed(request_seed, "length"), budget)
+        assert len(rec.response_ids) == want, (rec.kind, rec.turn_index, traj.sample_index)
+    assert len({len(r.response_ids) for r in res.records}) > 3  # uneven, unlike ignore_eos alone
+
+
+def test_variants_and_their_train_flags():
+    V = bench_step.Variant
+    assert [(v.lengths, v.compile_train) for v in bench_step.variants(["1.5b"], "both", "both")] == [
+        ("uniform", False), ("real", False), ("real", True), ("uniform", True)]
+    assert V("1.5b", "uniform", False).flags("p") == ["--rollout.ignore_eos=true"]
+    assert V("1.5b", "real", True).flags("p") == ["--rollout.ignore_eos=true", "--rollout.length_profile=p",
+                                                  "--model.compile_train=true"]
+    assert V("path", "real", False).flags("p") == []  # a real model stops at its own EOS
+    assert V("path", "uniform", False).flags("p") == ["--rollout.ignore_eos=true"]
+
+
+def test_per_token_cost_and_real_over_uniform_ratio():
+    cfg = parse_cli(["--preset=paper-1.5b", "--rollout.ignore_eos=true"])
+    real_cfg = parse_cli(["--preset=paper-1.5b", "--rollout.ignore_eos=true",
+                          f"--rollout.length_profile={bench_step.DEFAULT_PROFILE}"])
+    uniform = [_row(1, 100.0, 50.0, 10.0, 30.0, 600_000, 70.0), _row(2, 20.0, 10.0, 3.0, 6.0, 600_000, 50.0),
+               _row(3, 20.0, 10.0, 2.0, 6.0, 400_000, 50.0)]
+    real = [_row(1, 90.0, 50.0, 9.0, 30.0, 200_000, 60.0), _row(2, 12.0, 6.0, 1.0, 4.0, 200_000, 40.0),
+            _row(3, 12.0, 6.0, 1.5, 4.0, 300_000, 40.0)]
+    for r, (mem, cut, ans) in zip(real, [(60.0, 0.05, 140.0), (50.0, 0.02, 150.0), (56.0, 0.04, 160.0)]):
+        r.update(memory_tokens=mem, memory_full=cut, answer_tokens=ans)
+    res = []
+    for rows, c, lengths in ((uniform, cfg, "uniform"), (real, real_cfg, "real")):
+        s = bench_step.summarize("1.5b", QWEN25_1P5B, rows, [], None, c, 2, {"spec": 989.0})
+        s.update(lengths=lengths, compile_train=False)
+        res.append(s)
+    u, r = res
+    # sums over the measured steps (2 and 3): seconds per 1,000 tokens
+    assert u["score_s_per_1k_tokens"] == pytest.approx(1000 * 5.0 / 1_000_000)
+    assert u["update_s_per_1k_tokens"] == pytest.approx(1000 * 12.0 / 1_000_000)
+    assert r["score_s_per_1k_tokens"] == pytest.approx(1000 * 2.5 / 500_000)
+    assert r["update_s_per_1k_tokens"] == pytest.approx(1000 * 8.0 / 500_000)
+    assert (r["memory_tokens"], r["memory_full"], r["answer_tokens"]) == pytest.approx((53.0, 0.03, 155.0))
+    ratios = bench_step.length_ratios(res)
+    assert len(ratios) == 1 and ratios[0]["compile_train"] is False
+    assert ratios[0]["score_ratio"] == pytest.approx((2.5 / 500_000) / (5.0 / 1_000_000))  # 1.0
+    assert ratios[0]["update_ratio"] == pytest.approx((8.0 / 500_000) / (12.0 / 1_000_000))  # 1.33
+    assert r["mfu_spec"] is not None  # attn_len_sq logged by train.py: FLOPs known at real lengths too

@@ -372,17 +372,66 @@ def test_torch_compile_equals_eager_on_cpu(qwen2):
     prompts = ragged_prompts(9)
     params = [SamplingParams(max_new_tokens=8, greedy=True), SamplingParams(max_new_tokens=8, n=2, seed=1),
               SamplingParams(max_new_tokens=6, seed=3), SamplingParams(max_new_tokens=8, top_p=0.8, seed=2)]
-    gen = Generator(qwen2, vocab_size=259, compile=True)
+    gen = Generator(qwen2, vocab_size=259, compile=True, compile_prefill=True)
     got = gen.generate(prompts, params)
     assert gen.compile, "compile fell back to eager"
+    assert gen.lifetime["compiles"] == 2 and gen.last_stats["compile_s"] > 0  # decode + prefill, timed apart
     want = Generator(qwen2, vocab_size=259).generate(prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert max(abs(x - y) for p, q in zip(got, want) for x, y in zip(p.logprobs, q.logprobs)) <= 1e-5
 
 
 def test_graph_buckets():
-    from memrl.generate import _bucket
+    from memrl.generate import MIN_BUCKET, _bucket
 
     sizes = [_bucket(n, 10_000) for n in range(1, 1025)]
-    assert all(b >= n for n, b in zip(range(1, 1025), sizes)) and len(set(sizes)) <= 30
-    assert max(b / n for n, b in zip(range(1, 1025), sizes)) <= 2 and _bucket(300, 301) == 301 and _bucket(5, 6) == 6
+    assert all(b >= n for n, b in zip(range(1, 1025), sizes)) and len(set(sizes)) <= 16
+    assert min(sizes) == MIN_BUCKET >= 2  # never a batch of 1 in the compiled step (it would compile again)
+    assert all(b - n < MIN_BUCKET for n, b in zip(range(1, 257), sizes))  # bandwidth-bound range: a few rows
+    assert max(b / n for n, b in zip(range(257, 1025), sizes[256:])) <= 1.25
+    assert _bucket(300, 301) == 301 and _bucket(5, 6) == 6
+
+
+def _rollout_like_calls(gen, seed=0):
+    """Calls shaped like a rollout's: one prompt x n samples, batches of n = 1 whose sizes coincide (P = rows),
+    a lone prompt of one token (sizes of 1), lengths that finish one by one down to a single live row, two slot
+    lengths alternating (memory turns, then answers, then memory turns again)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def prompts(k, lo, hi):
+        return [[rng.randrange(259) for _ in range(rng.randint(lo, hi))] for _ in range(k)]
+
+    out = []
+    for k, n, lo, hi, budget in [(2, 4, 10, 14, 20), (8, 1, 8, 8, 40), (5, 1, 3, 30, 20), (1, 1, 1, 1, 40),
+                                 (3, 2, 4, 9, 20)]:
+        ps = prompts(k, lo, hi)
+        params = [SamplingParams(max_new_tokens=1 + (i * 7) % budget, n=n, greedy=True) for i in range(k)]
+        out.append((ps, params, gen.generate(ps, params), dict(gen.last_stats)))
+    return out
+
+
+def test_one_compile_per_function_and_graphs_kept_across_layouts(qwen2, monkeypatch):
+    """issue 11, first step: over calls of every shape a rollout makes, the decode step compiles once and the prefill
+    (compile_prefill) once: no recompile for a batch of 1, a prompt of 1 token, sizes equal by chance at the first
+    call (duck sizing) or a new slot count. Dynamo's own backend stands in for inductor (same guards, no codegen).
+    Each (bucket, layout) is captured once: the third layout change comes back to the first layout's graphs.
+    Tokens equal the uncompiled generator's."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    gen = Generator(qwen2, vocab_size=259, compile=True, compile_prefill=True, compile_fallback=False,
+                    kv_budget_tokens=1024)  # one cache buffer throughout (a regrown buffer would drop every layout)
+    gen._pad_batches = gen._rehearse = True  # the GPU schedule: padded buckets, a capture per new (bucket, layout)
+    got = _rollout_like_calls(gen)
+    assert gen.lifetime["compiles"] == 2, gen.lifetime  # one decode graph, one prefill graph
+    want = _rollout_like_calls(Generator(qwen2, vocab_size=259))
+    for (_, _, a, _), (_, _, b, _) in zip(got, want):
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # layouts: the 5th call has the 1st call's slot length again (granule 16 on CPU: 32 tokens), after others
+    slot_lens = [stats["slot_len"] for *_, stats in got]
+    assert slot_lens[0] == slot_lens[4] == 32 and slot_lens[1] != 32 and slot_lens[3] != 32, slot_lens
+    assert got[4][3]["captures"] == 0 < got[0][3]["captures"]  # back to layout 1: its graphs are reused
+    assert gen.lifetime["captures"] == sum(stats["captures"] for *_, stats in got)
+

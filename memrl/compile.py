@@ -1,0 +1,86 @@
+"""Compiled training blocks (`model.compile_train`): the elementwise work of each decoder block fused by torch.compile
+for the scoring passes and the update, applied from outside the model.
+
+    compile_blocks(policy)     # after shard_model (FSDP2) or on a plain model; the reference model likewise
+
+Why: in eager PyTorch a decoder block's non-GEMM work is a chain of small kernels, each a round trip to HBM: RMSNorm
+in fp32 is ~8 kernels forward (upcast, square, mean, rsqrt, scale, downcast, weight) and more backward, SwiGLU 2-3.
+At 16k-token micro-batches they took ~30% of the update's GPU time (BENCHMARKS.md, 1.5B profile, 2026-11-21).
+Compiled, each norm and the SwiGLU MLP become one or two fused kernels between the GEMMs (cuBLAS either way).
+
+What is compiled: every RMSNorm (the two per block, Qwen3's per-head q/k norms, the final norm) and every MLP, each
+module's forward replaced by a dispatcher around ONE torch.compile'd function per module class (the modules share
+their code, so 28 blocks compile once). Attention stays outside the compiled code by construction: its inputs
+include the packing layout (Python lists of sequence lengths, per-sequence loops), which a compiled graph would
+specialise on (one recompile per micro-batch), and its kernels (memrl/model.py, kernels/) are opaque to the
+compiler anyway. RoPE and the two residual adds, which live in the attention and block code, stay eager: the
+per-module scope is what can be compiled without changing memrl/model.py (compiling the whole block needs the
+attention to be a custom op taking tensors only; then `DecoderLayer` itself is the unit to compile).
+
+Invariants
+  - Same math as eager (tests compare loss and gradients in fp32); parameter names unchanged (no `_orig_mod.`
+    prefix: the module objects stay, only their `forward` attribute changes), so checkpoints are unaffected.
+  - One compile per (module class, input rank, grad mode): the token dimension (dim 1 of every input here,
+    [B, T, ...]) is marked dynamic before each call, so packed micro-batches of any length reuse one graph.
+    Other inputs than one packed row of >= 2 tokens (train.py's one-token dummy micro-batch; the generator's batches
+    when it runs the policy itself, i.e. without FSDP) run eagerly: they would be specialised into more graphs.
+  - FSDP2: fully_shard hooks run in the block's __call__, around its forward, so the compiled functions see the
+    gathered parameters as ordinary tensors and never trace a collective; order with fully_shard does not matter.
+    The rollout copy (memrl/distributed.py rollout_view) is built from the classes, not the instances: its modules
+    are never compiled, and the generator's own compilation (memrl/generate.py) is unaffected.
+  - `COMPILE_STATS` sums the seconds spent in calls that compiled (train.py logs them in the first step's row).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from memrl.model import MLP, RMSNorm
+
+COMPILE_STATS = {"compile_s": 0.0, "compiles": 0}
+# (module class, backend) -> its compiled forward (unbound: the module is the first argument). One per class for the
+# whole process: the policy's and the reference's modules share it (another torch.compile object would recompile)
+_COMPILED: dict[tuple[type, str], object] = {}
+
+
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile the RMSNorm and MLP modules of `model` in place (see the module docstring); returns how many.
+    backend: torch.compile's ("eager" = dynamo alone: the same graphs and guards without code generation, for tests)."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, MLP)) and "forward" not in vars(module):
+            module.forward = _dispatcher(module, backend)
+            n += 1
+    return n
+
+
+def _dispatcher(module: torch.nn.Module, backend: str):
+    cls = type(module)
+    eager = cls.forward
+    key = (cls, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(eager, backend=backend)
+    compiled = _COMPILED[key]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # training and scoring run one packed row [1, T, ...]; anything else (a one-token dummy micro-batch, the
+        # generator's batches on a model without FSDP) is eager, and so is a call from code being compiled already
+        if x.dim() < 3 or x.shape[0] != 1 or x.shape[1] < 2 or torch.compiler.is_compiling():
+            return eager(module, x)
+        torch._dynamo.maybe_mark_dynamic(x, 1)  # any number of tokens: one graph
+        graphs, t0 = _compiled_graphs(), time.perf_counter()
+        out = compiled(module, x)
+        if _compiled_graphs() > graphs:
+            COMPILE_STATS["compile_s"] += time.perf_counter() - t0
+            COMPILE_STATS["compiles"] += _compiled_graphs() - graphs
+        return out
+
+    return forward
+
+
+def _compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far: a call that raised it compiled."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
