@@ -131,6 +131,25 @@ def test_turn_record_invariants():
         TurnRecord([], [2], [-0.1], 0, 0, 0, "final")  # no prompt token to predict the first response token
     with pytest.raises(AssertionError):
         TurnRecord([1], [2], [-0.1], 0, 0, 0, "answer")
+    for spans in ([], [(0, 2), (1, 3)], [(2, 1)], [(0, 5)], [(1, 1)]):  # empty, overlapping, reversed, out, empty span
+        with pytest.raises(AssertionError):
+            TurnRecord([1], [2, 3, 4, 5], [-0.1] * 2, 0, 0, 0, "conversation", response_spans=spans)
+
+
+def test_conversation_row_masks_exactly_the_replies():
+    """One record holding a whole chat: the loss rows are the replies' tokens, the user messages between are not."""
+    # first prompt [1, 2, 3]; then reply 0 = [10, 11], user message = [20, 21, 22], reply 1 = [12, 13, 14]
+    row = TurnRecord([1, 2, 3], [10, 11, 20, 21, 22, 12, 13, 14], [-0.1, -0.2, -0.3, -0.4, -0.5], trajectory_id=1,
+                     group_id=0, turn_index=1, kind="conversation", response_spans=[(0, 2), (5, 8)])
+    plain = TurnRecord([7, 8], [9], [-0.9], trajectory_id=0, group_id=0, turn_index=0, kind="final")
+    assert row.num_response_tokens == 5 and count_response_tokens([plain, row]) == 6
+    b = pack_turns([plain, row], torch.tensor([0.5, -1.5]), max_tokens=100)[0]
+    # rows: plain 2 (7->8, 8->9); row 10 (1->2, 2->3, 3->10, 10->11, 11->20, 20->21, 21->22, 22->12, 12->13, 13->14)
+    assert b.response_mask.tolist() == [False, True] + [False, False, True, True, False, False, False, True, True, True]
+    assert b.targets[b.response_rows].tolist() == [9, 10, 11, 12, 13, 14]  # every reply token, nothing else
+    assert b.advantages.tolist() == [0.5] + [-1.5] * 5
+    assert torch.equal(b.rollout_logprobs, torch.tensor([-0.9, -0.1, -0.2, -0.3, -0.4, -0.5]))
+    assert b.response_record.tolist() == [0, 1, 1, 1, 1, 1]
 
 
 # ----------------------------------------------------------------------------- loss (through kernels.ppo_loss)
