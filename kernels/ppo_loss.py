@@ -224,7 +224,8 @@ def _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low,
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
              advantages: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor,
              eps_low: float = 0.2, eps_high: float = 0.28, clip_c: float = 3.0, kl_coef: float = 0.0,
-             kl_type: str = "k3", pg_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             kl_type: str = "k3", pg_weight: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-mean dual-clip PPO + KL loss -> (loss 0-dim fp32, {pg_clipfrac, pg_clipfrac_lower, ppo_kl, kl}).
 
     All vectors are [N]; mask is bool or float (a float mask weights tokens, both terms); pg_weight (optional, [N])

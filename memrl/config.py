@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.templates import without_memory_line
+
 RUN_CONFIG_NAME = "run_config.json"
 
 # The paper's Figure 4 templates (DESIGN §4). Templates are data: override them like any other field.
@@ -30,6 +32,11 @@ MEMORY_TEMPLATE = (
 )
 FINAL_TEMPLATE = "<question> {question} </question>\n<memory> {memory} </memory>\nYour final answer:"
 SINGLE_TURN_TEMPLATE = "<question> {question} </question>\n<problem> {problem} </problem>\nYour final answer:"
+# the conversation condition's user messages: the memory / final templates without their memory line
+CONVERSATION_SHARD_TEMPLATE = without_memory_line(MEMORY_TEMPLATE)
+CONVERSATION_FINAL_TEMPLATE = without_memory_line(FINAL_TEMPLATE)
+# rollout.condition values a run can TRAIN under; full_history is the paper's evaluation condition only
+TRAIN_CONDITIONS = ("memory", "conversation", "single_turn")
 
 
 class ConfigError(ValueError):
@@ -50,7 +57,9 @@ class ModelCfg:
 
 @dataclass
 class RolloutCfg:
-    condition: str = "memory"  # memory | full_history | single_turn (DESIGN §4); the method trains "memory"
+    # memory (the method) | conversation (the paper's full-history training baseline: a real multi-turn chat) |
+    # single_turn. Not full_history: that is the paper's evaluation condition (shards in the prompt, evaluate.py)
+    condition: str = "memory"
     group_size: int = 4  # G trajectories per problem (paper §4: G = 4)
     memory_cap_tokens: int = 256  # paper A.1: the memory buffer cap, enforced as a memory turn's max_new_tokens
     response_max_tokens: int = 512  # paper A.1: final-answer budget (512 for the 1.5B model, 1,024 for the 4B)
@@ -63,16 +72,25 @@ class RolloutCfg:
     memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
     final_template: str = FINAL_TEMPLATE  # paper Figure 4 (final turn); full-history fills {memory} with all shards
     single_turn_template: str = SINGLE_TURN_TEMPLATE  # the single-turn baseline: the whole problem in one prompt
+    conversation_shard_template: str = CONVERSATION_SHARD_TEMPLATE  # conversation: a shard's user message
+    conversation_final_template: str = CONVERSATION_FINAL_TEMPLATE  # conversation: the final user message
 
     def __post_init__(self):
-        assert self.condition in ("memory", "full_history", "single_turn"), f"rollout.condition: {self.condition!r}"
+        assert self.condition != "full_history", (
+            "rollout.condition: full_history is the paper's evaluation condition (all shards so far in one prompt; "
+            "evaluate.py --conditions=full_history); train the full-history baseline with rollout.condition="
+            "conversation (a real multi-turn chat)")
+        assert self.condition in TRAIN_CONDITIONS, (
+            f"rollout.condition must be one of {TRAIN_CONDITIONS}, got {self.condition!r}")
         assert self.group_size >= 1, "rollout.group_size must be >= 1"
         assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
         assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
         assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
         for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
                            ("final_template", ("{question}", "{memory}")),
-                           ("single_turn_template", ("{question}", "{problem}"))):
+                           ("single_turn_template", ("{question}", "{problem}")),
+                           ("conversation_shard_template", ("{question}", "{segment}")),
+                           ("conversation_final_template", ("{question}",))):
             missing = [k for k in keys if k not in getattr(self, name)]
             assert not missing, f"rollout.{name} lacks the placeholder(s) {missing}"
 
