@@ -344,6 +344,7 @@ for step in pbar:
                 local[MISMATCH_KEYS[name]] += v.item()
             if cfg.train.dump_loss_inputs:  # tests and debugging: the loss's inputs and outputs, as computed
                 dumped.append({"mini_batch": k, "num_tokens": float(num_tokens[k]), "loss": loss.item(),
+                               "kinds": list(mb.turn_kinds),
                                **{name: v.item() for name, v in m.items()},
                                **{name: t.detach().cpu() for name, t in (
                                    ("logp", logp), ("advantages", mb.advantages),
