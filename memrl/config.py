@@ -57,9 +57,8 @@ class ModelCfg:
 
 @dataclass
 class RolloutCfg:
-    # memory (the method) | conversation (the paper's full-history training baseline: a real multi-turn chat) |
-    # single_turn. Not full_history: that is the paper's evaluation condition (shards in the prompt, evaluate.py)
-    condition: str = "memory"
+    # Not full_history: that is the paper's evaluation condition (shards in the prompt, evaluate.py)
+    condition: str = "memory"  # memory (the method) | conversation (full-history baseline: a real chat) | single_turn
     group_size: int = 4  # G trajectories per problem (paper §4: G = 4)
     memory_cap_tokens: int = 256  # paper A.1: the memory buffer cap, enforced as a memory turn's max_new_tokens
     response_max_tokens: int = 512  # paper A.1: final-answer budget (512 for the 1.5B model, 1,024 for the 4B)
@@ -107,9 +106,8 @@ class AlgoCfg:
     max_sampling_rounds: int = 3  # bound on refill rounds (verl's max_num_gen_batches) before giving up loudly
     overlong_shaping: bool = False  # DAPO soft overlong penalty on the final answer (off by default, DESIGN §5)
     overlong_cache_tokens: int = 128  # L_cache: the last quarter of the 512-token answer budget is penalised
-    # optimizer steps per RL step, over mini-batches split by problem (memrl/minibatch.py; MemAgent: 16). 1 = one
-    # on-policy step: π_old = logp.detach(), ratio ≡ 1, the clips never act (DESIGN §3.6)
-    mini_batches: int = 1
+    # optimizer steps per RL step, over mini-batches split by problem (memrl/minibatch.py; MemAgent: 16)
+    mini_batches: int = 1  # 1 = one on-policy step: π_old = logp.detach(), ratio ≡ 1, the clips never act (§3.6)
     # rollout correction (memrl/rollout_correction.py), off by default; the mismatch metrics are logged either way
     tis_cap: float = 0.0  # C of token-level truncated IS, min(π_train/π_rollout, C) (Yao et al. 2025: 2); 0 = off
     seq_mask: bool = False  # drop sequences whose geometric-mean ratio exp(mean log(π_train/π_rollout)) leaves:

@@ -124,3 +124,19 @@ def test_continuation_under_the_gpu_schedule_on_cpu(model, monkeypatch, kernels)
     fresh = Generator(model, model.config.vocab_size, kernels="torch", **eager).generate(ids, greedy(5))
     assert [c.token_ids for c in out] == [c.token_ids for c in fresh]
     assert max(abs(x - y) for a, b in zip(out, fresh) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
+@pytest.mark.slow  # inductor compiles on CPU for minutes
+def test_torch_compile_traces_the_continuation_prefill(model):
+    """The continuation prefill is compiled like the others (CPU inductor here; the GPU benchmark runs it there with
+    compile_fallback=False): the extend-attention custom op with its host-int key length traces, and equals eager."""
+    starts = ragged_prompts(13, lens=[4, 10])
+    runs = []
+    for compile_ in (True, False):
+        gen = Generator(model, model.config.vocab_size, compile=compile_, compile_fallback=False)
+        first = gen.generate(starts, greedy(5), retain=True)
+        ids = [s + c.token_ids + [3, 4, 5][:i + 1] for i, (s, c) in enumerate(zip(starts, first))]
+        runs.append(gen.generate(ids, greedy(5), extend=[c.handle for c in first]))
+        assert gen.compile == compile_
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
+    assert max(abs(x - y) for a, b in zip(*runs) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
