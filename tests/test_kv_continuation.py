@@ -140,3 +140,21 @@ def test_torch_compile_traces_the_continuation_prefill(model):
         assert gen.compile == compile_
     assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
     assert max(abs(x - y) for a, b in zip(*runs) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_continuation_on_the_gpu_with_graphs_and_compile(tmp_path):
+    """The GPU path as training runs it (CUDA graphs, torch.compile, Triton decode attention): a continuation decodes
+    as a fresh prefill of the whole ids does, greedy and seeded sampling, fp32."""
+    model = load_model(make_tiny_checkpoint(tmp_path, "qwen2", seed=9), dtype=torch.float32, device="cuda")
+    starts = ragged_prompts(14, lens=[6, 30, 2, 17])
+    params = [greedy(20), SamplingParams(max_new_tokens=20, seed=5), greedy(9, frozenset({7, 8, 9})), greedy(1)]
+    gen = Generator(model, model.config.vocab_size, cuda_graphs=True, compile=True, compile_fallback=False)
+    first = gen.generate(starts, params, retain=True)
+    ids = [s + c.token_ids + x for s, c, x in zip(starts, first, ragged_prompts(15, lens=[3, 11, 1, 40]))]
+    out = gen.generate(ids, params, extend=[c.handle for c in first], min_slot_len=256)
+    fresh = Generator(model, model.config.vocab_size, cuda_graphs=True, compile=True).generate(ids, params)
+    assert [c.token_ids for c in out] == [c.token_ids for c in fresh]
+    assert max(abs(x - y) for a, b in zip(out, fresh) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+    assert gen.last_stats["prefill_tokens"] == sum(len(i) - len(s) - len(c.token_ids) + 1
+                                                   for i, s, c in zip(ids, starts, first))
