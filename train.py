@@ -9,8 +9,9 @@
 
 One step: rollout (B problems x G trajectories, turn by turn) -> reward (verifier on the final answer) ->
 advantage (DrGRPO, per trajectory, broadcast to every generated token of every turn) -> [dynamic sampling] ->
-[old / reference log-probs] -> loss (dual-clip PPO + KL, one token-mean over the global batch, micro-batched) ->
-AdamW step -> log -> [eval] -> [checkpoint]. Each stage is one section below.
+mini-batches (by problem, shuffled) -> [old / reference log-probs: one scoring pass] -> [rollout correction] ->
+per mini-batch: loss (dual-clip PPO + KL, one token-mean over its global tokens, micro-batched) -> AdamW step ->
+log -> [eval] -> [checkpoint]. Each stage is one section below.
 Determinism: one seed (train.seed); rollout seeds derive from (seed, step, problem, turn, sample), the data order
 from (seed, epoch). On CPU, --resume reproduces an uninterrupted run bit for bit (fp32, or bf16 compute over fp32
 masters: the checkpoint keeps the masters, memrl/checkpoint.py).
