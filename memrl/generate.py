@@ -37,7 +37,7 @@ KV continuation (a conversation's turns, memrl/kv_retain.py; the rollout's `conv
   into its slot and prefills only the new ids (`_prefill_extend`: attention over the restored prefix + the suffix,
   at absolute positions). `min_slot_len` keeps the slot layout (and so the CUDA graphs) the same across a
   conversation's turns: the rollout passes the conversation's longest possible length. Greedy tokens equal a fresh
-  prefill of the whole ids (up to floating-point reduction order: tests/test_conversation.py checks log-probs
+  prefill of the whole ids (up to floating-point reduction order: tests/test_kv_continuation.py checks log-probs
   within 1e-5 on CPU).
 
 Guarantees
