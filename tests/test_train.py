@@ -64,7 +64,9 @@ def test_resume_reproduces_an_uninterrupted_run_bitwise(tmp_path):
     train_rows = [r for r in a if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert any(r["grad_norm"] > 0 for r in train_rows)  # the policy did learn something: a real test
-    assert all(r["optimizer_steps"] == 2 for r in train_rows)  # one per mini-batch
+    # one per mini-batch that holds a problem (dynamic sampling may keep a single group of the 2: then only one)
+    assert all(1 <= r["optimizer_steps"] <= 2 for r in train_rows) and any(r["optimizer_steps"] == 2
+                                                                           for r in train_rows)
     assert all(r["kl"] >= 0 for r in train_rows)
     wa = load_file(str(whole / "checkpoints" / "step_00000004" / "model.safetensors"))
     wb = load_file(str(parts / "checkpoints" / "step_00000004" / "model.safetensors"))
