@@ -397,16 +397,19 @@ class Generator:
         st.done[lo:hi] = False
 
         # prefill, longest prompts first, in batches of at most prefill_tokens padded tokens; continuations prefill
-        # only their new ids, after their retained K/V is restored into their slot
+        # only their new ids, after their retained K/V is restored into their slot (their batches are also bounded
+        # in keys: each row gathers its whole prefix, expanded to the query heads, for the masked attention)
         fresh = sorted((e for e in entries if e[0].extends is None), key=lambda e: -len(e[0].ids))
         more = sorted((e for e in entries if e[0].extends is not None), key=lambda e: -_suffix_len(e[0]))
         for group, prefill, length in ((fresh, self._prefill, lambda r: len(r.ids)),
                                        (more, self._prefill_extend, _suffix_len)):
             i = 0
             while i < len(group):
-                T = length(group[i][0])
+                T, keys = length(group[i][0]), len(group[i][0].ids)
                 j = i + 1
-                while j < len(group) and (j - i + 1) * T <= self.prefill_tokens:
+                while j < len(group) and (j - i + 1) * T <= self.prefill_tokens and (
+                        (j - i + 1) * max(keys, len(group[j][0].ids)) <= 4 * self.prefill_tokens):
+                    keys = max(keys, len(group[j][0].ids))
                     j += 1
                 prefill(group[i:j])
                 i = j

@@ -61,7 +61,8 @@ def test_continuation_equals_fresh_prefill_and_the_naive_loop(model):
 def test_continuation_with_forks_queueing_and_compaction(model):
     """Retained rows finish at different steps (stop ids), a small KV budget makes work wait for free slots, fresh
     requests with n samples share the call: the continuations still equal fresh prefills."""
-    gen = Generator(model, model.config.vocab_size, kv_budget_tokens=4 * 64)  # 4 slots of 64 tokens
+    # 4 slots of 64 tokens; prefill batches of at most 24 padded new ids, 96 keys: several per admission
+    gen = Generator(model, model.config.vocab_size, kv_budget_tokens=4 * 64, prefill_tokens=24)
     starts = ragged_prompts(8, lens=[3, 11, 6, 9, 4, 2])
     first = gen.generate(starts, greedy(12), retain=True)
     stops = frozenset({first[0].token_ids[3], first[2].token_ids[1]})  # some continuations stop early
