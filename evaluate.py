@@ -19,9 +19,10 @@ Conditions: single_turn (the whole problem in one prompt), full_history (the pap
 shards so far in place of the memory, one fresh prompt per turn), memory (question, memory, shard), and conversation
 (a real multi-turn chat: each shard a user message, the model's replies kept in the context; the condition the
 full-history baseline trains under; --conditions=...,conversation, not in the default set: the paper evaluates the
-other three, and a chat longer than the context window cannot be cut, so it raises). Decoding is greedy (deterministic); the rollout settings (templates, memory cap,
-answer budget, m_0) come from the checkpoint's run_config.json when it has one, else from the preset, and any
-`--section.key=value` override of memrl.config applies on top (give base and trained the same ones). Every episode
+other three, and a chat longer than the context window cannot be cut, so it raises). Decoding is greedy
+(deterministic); the rollout settings (templates, memory cap, answer budget, m_0) come from the checkpoint's
+run_config.json when it has one, else from the preset, and any `--section.key=value` override of memrl.config
+applies on top (give base and trained the same ones). Every episode
 of a file is scored (data.eval_limit: only the first n); the training limits data.max_shards / max_shard_tokens do
 not apply. A prompt longer than the context window minus the answer budget is cut in the middle, as LongBench's
 pred.py does (the count is reported as truncated_prompts): single-turn and full-history prompts over a long document

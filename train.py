@@ -320,7 +320,7 @@ for step in pbar:
         if n_pass[k] == 0:  # no rank holds a problem of this mini-batch (dynamic sampling kept too few)
             continue
         optimizer.zero_grad(set_to_none=True)
-        local = dict.fromkeys(LOSS_METRICS + tuple(MISMATCH_KEYS.values()), 0.0)  # same names in the same order on all ranks
+        local = dict.fromkeys(LOSS_METRICS + tuple(MISMATCH_KEYS.values()), 0.0)  # same names, same order: all ranks
         for i, mb in enumerate(mini[k]):
             real = i < n_real[k]  # a dummy pass: same collectives, zero gradient, not in any metric
             corr = corrections[k][i] if corrections is not None and real else None

@@ -25,7 +25,7 @@ def conversation_turns(gen, starts, suffixes, n_new, reuse: bool, **gen_kw):
     conversation: (ids, completion)."""
     ids = [list(s) for s in starts]
     handles = [None] * len(ids)
-    turns = []
+    turns, out = [], []
     for t in range(len(suffixes[0]) + 1):
         if t:
             ids = [i + c.token_ids + suf[t - 1] for i, c, suf in zip(ids, out, suffixes)]
