@@ -27,7 +27,8 @@ Base models (no chat template) use a plain text convention: the next message fol
 
 When the ids equal a full render of the same messages (tests/test_conversation.py checks it): whenever the
 template renders history verbatim (ChatML, e.g. Qwen2/2.5) and every reply's ids are how the tokenizer encodes its
-text. Two known exceptions, where the code keeps the model's own tokens (what it actually conditioned on):
+text. Known exceptions, where the code keeps the model's own tokens (what it actually conditioned on):
+  - a reply that stopped on another stop id than reply_end (Qwen's <|endoftext|>) keeps it, then reply_end follows;
   - templates that rewrite history: Qwen3's drops the <think>…</think> block of earlier assistant turns, and
     Qwen3-Thinking's generation prompt opens "<think>\\n", which a re-rendered history lacks; Llama 3's trims
     whitespace around every message;
