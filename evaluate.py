@@ -15,10 +15,14 @@ output), or a raw long-document QA file (LongBench or L-Eval JSONL) that is chun
 defaults; `--dataset=NAME=PATH` (repeatable), or `--dataset=NAME:KIND=PATH` to set the reward kind of episodes
 whose metadata does not say (else data.reward_kind). Without --dataset: data.eval_path, else the synthetic task.
 
-Conditions: single_turn (the whole problem in one prompt), full_history (all shards so far in place of the memory),
-memory (question, memory, shard). Decoding is greedy (deterministic); the rollout settings (templates, memory cap,
-answer budget, m_0) come from the checkpoint's run_config.json when it has one, else from the preset, and any
-`--section.key=value` override of memrl.config applies on top (give base and trained the same ones). Every episode
+Conditions: single_turn (the whole problem in one prompt), full_history (the paper's evaluation condition, §4: all
+shards so far in place of the memory, one fresh prompt per turn), memory (question, memory, shard), and conversation
+(a real multi-turn chat: each shard a user message, the model's replies kept in the context; the condition the
+full-history baseline trains under; --conditions=...,conversation, not in the default set: the paper evaluates the
+other three, and a chat longer than the context window cannot be cut, so it raises). Decoding is greedy
+(deterministic); the rollout settings (templates, memory cap, answer budget, m_0) come from the checkpoint's
+run_config.json when it has one, else from the preset, and any `--section.key=value` override of memrl.config
+applies on top (give base and trained the same ones). Every episode
 of a file is scored (data.eval_limit: only the first n); the training limits data.max_shards / max_shard_tokens do
 not apply. A prompt longer than the context window minus the answer budget is cut in the middle, as LongBench's
 pred.py does (the count is reported as truncated_prompts): single-turn and full-history prompts over a long document
@@ -47,6 +51,8 @@ from memrl.config import RUN_CONFIG_NAME, Config, apply_overrides, load_config, 
 from memrl.episodes import Episode, load_episodes, validate_record
 from memrl.reward import score
 from memrl.rollout import CONDITIONS, Sampling, decode_response, rollout, with_noise
+
+DEFAULT_CONDITIONS = ("single_turn", "full_history", "memory")  # the paper's evaluation conditions (§4)
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
 
@@ -144,7 +150,7 @@ def lic_drop(acc: dict[str, dict]) -> dict[str, float]:
     """Lost-in-conversation drop: single-turn accuracy minus each multi-turn condition's."""
     if "single_turn" not in acc:
         return {}
-    return {c: acc["single_turn"]["accuracy"] - acc[c]["accuracy"] for c in ("full_history", "memory") if c in acc}
+    return {c: acc["single_turn"]["accuracy"] - acc[c]["accuracy"] for c in CONDITIONS[1:] if c in acc}
 
 
 class FitToWindow:
@@ -158,7 +164,11 @@ class FitToWindow:
     def last_stats(self) -> dict:
         return self.generator.last_stats
 
-    def generate(self, prompts: list[list[int]], params):
+    def generate(self, prompts: list[list[int]], params, **continuation):
+        """continuation (the conversation condition's retain / extend / min_slot_len): passed on, prompts never cut
+        (each turn's ids must extend the previous turn's; the rollout raises before a chat outgrows the window)."""
+        if continuation:
+            return self.generator.generate(prompts, params, **continuation)
         plist = params if isinstance(params, list) else [params] * len(prompts)
         fitted = []
         for ids, p in zip(prompts, plist):
@@ -169,6 +179,9 @@ class FitToWindow:
                 self.cut += 1
             fitted.append(ids)
         return self.generator.generate(fitted, params)
+
+    def free(self, handles) -> None:
+        self.generator.free(handles)
 
 
 # ----------------------------------------------------------------------------- raw long-document QA
@@ -299,7 +312,7 @@ def metric_name(results: dict[str, dict]) -> str:
 def markdown_table(results: dict[str, dict]) -> str:
     """One dataset: a row per checkpoint, the score per condition and the LiC drops."""
     conds = [c for c in CONDITIONS if any(c in r["conditions"] for r in results.values())]
-    drops = [f"LiC drop ({c})" for c in ("full_history", "memory") if c in conds and "single_turn" in conds]
+    drops = [f"LiC drop ({c})" for c in CONDITIONS[1:] if c in conds and "single_turn" in conds]
     lines = ["| checkpoint | " + " | ".join(conds + drops) + " |", "|---" * (1 + len(conds) + len(drops)) + "|"]
     for name, r in results.items():
         cells = [f"{r['conditions'][c]['accuracy']:.3f}" for c in conds]
@@ -342,7 +355,8 @@ HELP = __doc__ + """
 Options:
   --checkpoint=[LABEL=]PATH   (repeatable) a checkpoint or run directory; "" = the built-in synthetic policy
   --dataset=NAME[:KIND]=PATH  (repeatable) an episode JSONL or a raw LongBench / L-Eval JSONL; KIND = gsm8k|math|qa
-  --conditions=a,b,c          subset of single_turn,full_history,memory (default: all three)
+  --conditions=a,b,c          subset of single_turn,full_history,conversation,memory (default: single_turn,
+                              full_history,memory: the paper's three)
   --out=FILE.json             the results as JSON (per condition, LiC drops, every episode's answer and score)
   --table=FILE.md             the markdown table
   --bar=FILE.png              bar plot comparing the checkpoints, a panel per dataset
@@ -387,7 +401,8 @@ def main(argv: list[str]) -> int:
         print(f"wrote {plot_metrics(path, out)}")
         return 0
 
-    own = {"checkpoint": [], "dataset": [], "conditions": ",".join(CONDITIONS), "out": "", "table": "", "bar": "",
+    own = {"checkpoint": [], "dataset": [], "conditions": ",".join(DEFAULT_CONDITIONS), "out": "", "table": "",
+           "bar": "",
            "trace": "", "batch_size": "256"}
     rest = []
     for a in argv:

@@ -9,8 +9,9 @@
 
 One step: rollout (B problems x G trajectories, turn by turn) -> reward (verifier on the final answer) ->
 advantage (DrGRPO, per trajectory, broadcast to every generated token of every turn) -> [dynamic sampling] ->
-[old / reference log-probs] -> loss (dual-clip PPO + KL, one token-mean over the global batch, micro-batched) ->
-AdamW step -> log -> [eval] -> [checkpoint]. Each stage is one section below.
+mini-batches (by problem, shuffled) -> [old / reference log-probs: one scoring pass] -> [rollout correction] ->
+per mini-batch: loss (dual-clip PPO + KL, one token-mean over its global tokens, micro-batched) -> AdamW step ->
+log -> [eval] -> [checkpoint]. Each stage is one section below.
 Determinism: one seed (train.seed); rollout seeds derive from (seed, step, problem, turn, sample), the data order
 from (seed, epoch). On CPU, --resume reproduces an uninterrupted run bit for bit (fp32, or bf16 compute over fp32
 masters: the checkpoint keeps the masters, memrl/checkpoint.py).
@@ -27,7 +28,7 @@ import os
 import random
 import sys
 import time
-from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ from evaluate import episode_score, eval_episodes, evaluate_policy, resolve_poli
 from memrl import synthetic
 from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
                         pack_turns, policy_loss, response_logprobs)
+from memrl.minibatch import split_by_problem
+from memrl.rollout_correction import METRIC_SUMS, mismatch_metrics, rollout_correction
 from memrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from memrl.compile import COMPILE_STATS, compile_blocks
 from memrl.config import RUN_CONFIG_NAME, ConfigError, describe, parse_cli, save_config
@@ -214,6 +217,9 @@ def run_eval(step: int) -> dict:
     return row
 
 
+LOSS_METRICS = ("loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "kl", "entropy")  # per step: token-means
+MISMATCH_KEYS = {name: f"mismatch_sum/{name}" for name in METRIC_SUMS}  # rollout vs trainer log-prob sums
+
 # FSDP forward/backward passes are collectives: a rank with fewer micro-batches than another runs this one-token
 # record with zero weight instead, so that every rank makes the same number of passes (see the loss section)
 DUMMY = pack_turns([TurnRecord([0], [0], [0.0], trajectory_id=0, group_id=0, turn_index=0, kind="final")],
@@ -269,70 +275,124 @@ for step in pbar:
         shaped += overlong_penalty(final_len, cfg.rollout.response_max_tokens, cfg.algo.overlong_cache_tokens)
     group_ids = torch.tensor([t.group_id for t in batch.trajectories], dtype=torch.long)
     advantages = group_advantages(shaped, group_ids, std_normalize=cfg.algo.advantage == "grpo")
-    micro_batches = [mb.to(device) for mb in pack_turns(batch.records, advantages, cfg.train.micro_batch_tokens)]
-    n_real = len(micro_batches)  # this rank's; padded with zero-weight dummies up to the largest count of any rank
-    micro_batches += [DUMMY] * (int(all_reduce_max(torch.tensor(n_real, device=device)).item()) - n_real)
-    # the token-mean's denominator: every response token of the GLOBAL batch (summed over ranks), as a tensor
-    num_tokens = all_reduce_sum(torch.tensor(float(count_response_tokens(batch.records)), device=device))
 
-    # --- old / reference log-probs (no grad). On-policy (one update per rollout): old = None, i.e. ratio == 1
+    # --- mini-batches: the batch split by problem (all G samples and all turns of a problem together), in an order
+    #     shuffled by (seed, step); one optimizer step each (memrl/minibatch.py). A conversation trajectory is one
+    #     row, its loss on every assistant reply (memrl/conversation.py)
+    rows = batch.training_records()
+    n_mini = cfg.algo.mini_batches
+    split = split_by_problem(rows, [rank * per_rank + r.group_id for r in rows], cfg.train.batch_size, n_mini,
+                             cfg.train.seed, step)
+    mini = [[mb.to(device) for mb in pack_turns(part, advantages, cfg.train.micro_batch_tokens)] for part in split]
+    n_real = [len(m) for m in mini]  # this rank's; each padded with zero-weight dummies up to the most of any rank
+    n_pass = [int(n) for n in all_reduce_max(torch.tensor(n_real, device=device)).tolist()]
+    mini = [m + [DUMMY] * (n - len(m)) for m, n in zip(mini, n_pass)]
+
+    # --- old / reference log-probs (no grad): ONE scoring pass before the first update, over the very micro-batches
+    #     the updates train on (same packing, same kernels: bitwise equal to the training pass's log-probs at equal
+    #     weights). One mini-batch without rollout correction is on-policy: old = None, i.e. ratio == 1 exactly
     t_score = time.time()
+    score_old = n_mini > 1 or cfg.algo.rollout_correction
     with torch.no_grad():
-        ref_logps = [response_logprobs(ref, mb, cfg.rollout.temperature, tokenizer.vocab_size)[0]
-                     for mb in micro_batches] if ref is not None else None
-        old_logps = [response_logprobs(policy, mb, cfg.rollout.temperature, tokenizer.vocab_size)[0]
-                     for mb in micro_batches] if cfg.algo.updates_per_rollout > 1 else None
+        def score(model):
+            return [[response_logprobs(model, mb, cfg.rollout.temperature, tokenizer.vocab_size)[0] for mb in m]
+                    for m in mini]
+        ref_logps = score(ref) if ref is not None else None
+        old_logps = score(policy) if score_old else None
     for model in (policy, ref):  # FSDP: the root stays gathered after a forward (see shard_model); free it
         if model is not None and is_sharded(model):
             model.reshard()
-    scoring_models = (ref is not None) + (cfg.algo.updates_per_rollout > 1)
+    scoring_models = (ref is not None) + score_old
+    # rollout correction (off by default): truncated IS weights and the sequence mask, from old vs the sampler's
+    # log-probs (memrl/rollout_correction.py); its mismatch metrics are logged either way
+    correct = partial(rollout_correction, tis_cap=cfg.algo.tis_cap, seq_mask=cfg.algo.seq_mask,
+                      seq_low=cfg.algo.seq_mask_low, seq_high=cfg.algo.seq_mask_high)
+    corrections = None if old_logps is None else [
+        [correct(old, mb.rollout_logprobs, mb.response_record, len(mb.record_indices)) for old, mb in zip(o[:n], m)]
+        for o, m, n in zip(old_logps, mini, n_real)]
+    # the token-mean's denominator, per mini-batch: its response tokens summed over ranks (masked sequences out)
+    counts = [sum(c.num_tokens for c in corrections[k]) if corrections is not None
+              else sum(mb.num_response_tokens for mb in mini[k][:n_real[k]]) for k in range(n_mini)]
+    num_tokens = all_reduce_sum(torch.tensor(counts, dtype=torch.float32, device=device))  # [n_mini]
     sync()
     t_score = time.time() - t_score
 
-    # --- loss: dual-clip PPO + beta * KL, summed over micro-batches = one token-mean over the global batch
-    # --- step: AdamW after global grad-norm clipping; a non-finite loss or gradient skips the update (on all ranks:
-    #     the loss sum is all-reduced and the norm is global, so every rank takes the same decision)
+    # --- loss: dual-clip PPO + beta * KL, summed over a mini-batch's micro-batches = one token-mean over its tokens
+    # --- step: AdamW after global grad-norm clipping, once per mini-batch; a non-finite loss or gradient skips the
+    #     update (on all ranks: the loss sum is all-reduced and the norm is global, so every rank decides the same)
     t_update = time.time()
-    skipped = 0
-    for update in range(cfg.algo.updates_per_rollout if micro_batches else 0):
+    skipped, grad_norms, dumped = 0, [], []
+    sums = dict.fromkeys(LOSS_METRICS + tuple(MISMATCH_KEYS.values()), 0.0)  # token sums over the step (metric x N_k)
+    for k in range(n_mini):
+        if n_pass[k] == 0:  # no rank holds a problem of this mini-batch (dynamic sampling kept too few)
+            continue
         optimizer.zero_grad(set_to_none=True)
-        sums = defaultdict(float)
-        for i, mb in enumerate(micro_batches):
-            weight = 1.0 if i < n_real else 0.0  # a dummy pass: same collectives, zero gradient, not in any metric
+        local = dict.fromkeys(LOSS_METRICS + tuple(MISMATCH_KEYS.values()), 0.0)  # same names, same order: all ranks
+        for i, mb in enumerate(mini[k]):
+            real = i < n_real[k]  # a dummy pass: same collectives, zero gradient, not in any metric
+            corr = corrections[k][i] if corrections is not None and real else None
             logp, entropy = response_logprobs(policy, mb, cfg.rollout.temperature, tokenizer.vocab_size,
                                               with_entropy=True)  # (N,) fp32 each
-            loss, m = policy_loss(logp, mb.advantages, num_tokens,
-                                  old_logp=old_logps[i] if old_logps is not None else None,
-                                  ref_logp=ref_logps[i] if ref_logps is not None else None, entropy=entropy,
+            loss, m = policy_loss(logp, mb.advantages, num_tokens[k],
+                                  old_logp=old_logps[k][i] if old_logps is not None else None,
+                                  ref_logp=ref_logps[k][i] if ref_logps is not None else None, entropy=entropy,
+                                  mask=corr.keep if corr is not None and cfg.algo.seq_mask else None,
+                                  pg_weight=corr.pg_weight if corr is not None else None,
                                   eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high, clip_c=cfg.algo.clip_c,
                                   kl_coef=cfg.algo.kl_coef, kl_type=cfg.algo.kl_type)
-            (loss if weight else loss * 0.0).backward()
-            sums["loss"] += weight * loss.item()
-            for k, v in m.items():
-                sums[k] += weight * v.item()
-            # trainer vs sampler log-prob of the same tokens: ~0 unless the two numerics (or top-p/k) disagree
-            sums["logp_gap"] += weight * ((logp.detach() - mb.rollout_logprobs).abs().sum() / num_tokens).item()
-        # this rank's sums of (token sum / N_global) -> summed over ranks: the global token-means
-        sums = defaultdict(float, sum_over_ranks(sums, device))
+            (loss if real else loss * 0.0).backward()
+            if not real:
+                continue
+            local["loss"] += loss.item()
+            for name, v in m.items():
+                local[name] += v.item()
+            if corr is None:  # on-policy: this pass's log-probs are the trainer's at the rollout weights
+                corr = correct(logp.detach(), mb.rollout_logprobs, mb.response_record, len(mb.record_indices))
+            for name, v in corr.sums.items():
+                local[MISMATCH_KEYS[name]] += v.item()
+            if cfg.train.dump_loss_inputs:  # tests and debugging: the loss's inputs and outputs, as computed
+                dumped.append({"mini_batch": k, "num_tokens": float(num_tokens[k]), "loss": loss.item(),
+                               "kinds": list(mb.turn_kinds),
+                               **{name: v.item() for name, v in m.items()},
+                               **{name: t.detach().cpu() for name, t in (
+                                   ("logp", logp), ("advantages", mb.advantages),
+                                   ("rollout_logp", mb.rollout_logprobs), ("record", mb.response_record),
+                                   ("old_logp", old_logps[k][i] if old_logps is not None else None),
+                                   ("ref_logp", ref_logps[k][i] if ref_logps is not None else None),
+                                   ("keep", corr.keep), ("pg_weight", corr.pg_weight)) if t is not None}})
+        local = sum_over_ranks(local, device)  # this rank's (token sum / N_k) -> the mini-batch's token-means
         grad_norm = clip_grad_norm(policy, cfg.optim.grad_clip)  # the global norm, the same on every rank
-        if math.isfinite(sums["loss"]) and math.isfinite(grad_norm):
-            optimizer.step()
-        else:
+        if not math.isfinite(local["loss"]) or not math.isfinite(grad_norm):
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            say(f"step {step + 1}: non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient'} "
-                f"(loss {sums['loss']}, grad norm {grad_norm}): update skipped")
-    if not micro_batches:
-        sums, grad_norm = defaultdict(float), 0.0
+            what = "loss" if not math.isfinite(local["loss"]) else "gradient"
+            say(f"step {step + 1}, mini-batch {k}: non-finite {what} (loss {local['loss']}, grad norm {grad_norm}): "
+                f"update skipped")
+        elif num_tokens[k] > 0:  # else every sequence was masked: nothing to learn, no decay either
+            optimizer.step()
+            grad_norms.append(grad_norm)
+        for name in LOSS_METRICS:
+            sums[name] += local[name] * float(num_tokens[k])
+        for name in MISMATCH_KEYS.values():
+            sums[name] += local[name]
+    if sum(n_pass) == 0:
         say(f"step {step + 1}: no trajectory left after dynamic sampling: update skipped")
     scheduler.step()
+    if dumped:
+        dump_path = Path(cfg.train.dump_loss_inputs) / f"step_{step + 1:08d}_rank{rank}.pt"
+        dump_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dumped, dump_path.with_suffix(".tmp"))
+        os.replace(dump_path.with_suffix(".tmp"), dump_path)
+    trained_tokens = float(num_tokens.sum())
+    step_metrics = {name: sums[name] / max(trained_tokens, 1.0) for name in LOSS_METRICS}  # step token-means
+    step_metrics |= mismatch_metrics({name: sums[key] for name, key in MISMATCH_KEYS.items()}, cfg.algo.tis_cap > 0)
     sync()
     t_update = time.time() - t_update
 
     # --- log: sums and counts over ranks, times and memory as the max over ranks
     memory_recs = [r for r in batch.records if r.kind == "memory"]
     final_recs = [r for r in batch.records if r.kind == "final"]
-    real_tokens = sum(mb.num_tokens for mb in micro_batches[:n_real])  # prompt + response rows, dummies excluded
+    real_tokens = sum(mb.num_tokens for m, n in zip(mini, n_real) for mb in m[:n])  # rows of every real pass
     g = sum_over_ranks({
         "reward": shaped.double().sum().item(), "kept": len(shaped),
         "accuracy": sum(r.sum().item() for r in all_rewards), "sampled": sum(len(r) for r in all_rewards),
@@ -340,9 +400,10 @@ for step in pbar:
         "memory_cut": sum(r.finish_reason == "length" for r in memory_recs),
         "memory_full": sum(len(r.response_ids) >= cfg.rollout.memory_cap_tokens for r in memory_recs),
         "answer_tokens": sum(len(r.response_ids) for r in final_recs), "answer_turns": len(final_recs),
-        "train_tokens": real_tokens * cfg.algo.updates_per_rollout, "score_tokens": real_tokens * scoring_models,
-        "rollout_new_tokens": sum(s.get("new_tokens", 0) for s in batch.generate_stats), "micro_batches": n_real,
-        "attn_len_sq": sum((len(r.prompt_ids) + len(r.response_ids) - 1) ** 2 for r in batch.records),  # packed S^2
+        "train_tokens": real_tokens, "score_tokens": real_tokens * scoring_models,
+        "rollout_new_tokens": sum(s.get("new_tokens", 0) for s in batch.generate_stats),
+        "micro_batches": sum(n_real), "response_tokens": count_response_tokens(rows),
+        "attn_len_sq": sum((len(r.prompt_ids) + len(r.response_ids) - 1) ** 2 for r in rows),  # packed S^2
     }, device)
     peak = max_over_ranks({
         "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update, "step_s": time.time() - t_step,
@@ -354,18 +415,22 @@ for step in pbar:
     step_s = peak["step_s"]
     row = {"step": step + 1, "kind": "train", "reward": g["reward"] / max(g["kept"], 1),
            "accuracy": g["accuracy"] / max(g["sampled"], 1),  # every sampled trajectory, before any filtering
-           **{k: v for k, v in sums.items()}, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+           **step_metrics, "lr": scheduler.get_last_lr()[0],
+           # optimizer steps taken (one per mini-batch unless skipped) and their gradient norms (before clipping)
+           "optimizer_steps": len(grad_norms), "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+           "grad_norm_max": max(grad_norms, default=0.0),
            "memory_tokens": g["memory_tokens"] / max(g["memory_turns"], 1),
            "memory_cut": g["memory_cut"] / max(g["memory_turns"], 1),
            "memory_full": g["memory_full"] / max(g["memory_turns"], 1),  # used the whole cap (cut, or stopped there)
            "answer_tokens": g["answer_tokens"] / max(g["answer_turns"], 1),
-           "response_tokens": int(num_tokens.item()), "trajectories": int(g["kept"]),
+           "response_tokens": int(g["response_tokens"]), "trained_tokens": int(trained_tokens),
+           "trajectories": int(g["kept"]),
            "rollout_rounds": int(peak["rollout_rounds"]), "skipped": skipped, "cursor": cursor,
            # timings (max over ranks) and global token counts; the step benchmark parses these names
            **{k: round(peak[k], 3) for k in ("rollout_s", "score_s", "update_s", "step_s", "peak_mem_gib")},
            "train_s": round(peak["score_s"] + peak["update_s"], 3),
            **{k: int(g[k]) for k in ("train_tokens", "score_tokens", "rollout_new_tokens", "micro_batches")},
-           "dummy_micro_batches": world * len(micro_batches) - int(g["micro_batches"]), "world_size": world,
+           "dummy_micro_batches": world * sum(n_pass) - int(g["micro_batches"]), "world_size": world,
            "train_tokens_per_s": round((g["train_tokens"] + g["score_tokens"])
                                        / max(peak["score_s"] + peak["update_s"], 1e-9)),
            "rollout_new_tokens_per_s": round(g["rollout_new_tokens"] / max(peak["rollout_s"], 1e-9)),

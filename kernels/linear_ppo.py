@@ -218,7 +218,7 @@ class _LinearPPOLoss(torch.autograd.Function):
                 sl = slice(r0, r1)
                 _B._ppo_loss_bwd_kernel[(triton.cdiv(c, _B._BWD_BLOCK),)](
                     logp[sl], old_arg[sl], ref_arg[sl], advantages[sl], mask[sl], num_tokens, one, g[sl], c,
-                    *loss_params, **flags, BLOCK=_B._BWD_BLOCK, num_warps=_B._BWD_WARPS)
+                    *loss_params, logp, **flags, BLOCK=_B._BWD_BLOCK, num_warps=_B._BWD_WARPS)  # no pg weight
                 out = scratch[:c] if scratch is not None else x  # in place on GPU
                 # entropy takes no part in the loss: the backward runs without it (g_H = 0)
                 _A._logprob_bwd_kernel[(c,)](x, out, targets[sl], m_row[sl], logs_row[sl], g[sl], g[sl], g[sl],
@@ -236,7 +236,8 @@ class _LinearPPOLoss(torch.autograd.Function):
         metrics = torch.empty(4, **f32)
         if N > 0:
             _B._ppo_loss_fwd_kernel[(1,)](logp, old_arg, ref_arg, advantages, mask, num_tokens, loss, metrics, N,
-                                          *loss_params, **flags, BLOCK=_B._FWD_BLOCK, num_warps=_B._FWD_WARPS)
+                                          *loss_params, logp, **flags, BLOCK=_B._FWD_BLOCK,
+                                          num_warps=_B._FWD_WARPS)  # logp: the unused pg-weight pointer
         else:
             loss.zero_()
             metrics.zero_()

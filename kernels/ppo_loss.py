@@ -7,7 +7,12 @@ kl_penalty in verl/trainer/ppo/core_algos.py):
     pg1 = −A·ρ;   pg2 = −A·clip(ρ, 1−ε_low, 1+ε_high);   pg = max(pg1, pg2)
     A < 0:  pg = min(pg, −c·A)                                   (dual clip)
     k   = clamp(ref − logp, −20, 20);   kl = −k (k1) | ½k² (k2) | exp(k) − k − 1 (k3)
-    loss = Σ m·(pg + β·kl) / num_tokens
+    loss = Σ m·(w·pg + β·kl) / num_tokens
+
+w is an optional per-token weight on the policy-gradient term only (1 when absent): the truncated importance
+weight min(π_train/π_rollout, C) of rollout correction (memrl/rollout_correction.py), a constant like A. verl
+applies it the same way, to the clipped pg loss and not to the KL term (rollout_corr_math.md §3.2.1: the IS weight
+multiplies the PPO surrogate).
 
 num_tokens is the GLOBAL count of response tokens (a device tensor: no host sync), so summing `loss`
 and every metric over micro-batches and ranks gives the global token-mean exactly. Metrics, each
@@ -20,6 +25,8 @@ and every metric over micro-batches and ranks gives the global token-mean exactl
 Conventions (identical in the Triton kernels and `ppo_loss_torch`):
 - old_logp None = on-policy: d ≡ 0, ρ ≡ 1 exactly, and dρ/dlogp = ρ = 1, so the gradient still flows.
 - ref_logp None = no KL term (kl = 0).
+- pg_weight None = w ≡ 1 (no load, no multiply: the same bits as before the weight existed).
+- The metrics count tokens (m), not w·m: pg_clipfrac is the fraction of tokens clipped, whatever their weight.
 - Only logp gets a gradient; old_logp, ref_logp and advantages are constants of the RL step.
 - Masked tokens (mask == 0) contribute exactly 0 to the loss, the metrics and dlogp, even when their
   inputs are inf/NaN (padding).
@@ -97,9 +104,9 @@ def _load_token(ptr, offs, inb, ENABLED: tl.constexpr):
 
 @triton.jit
 def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, num_tokens_ptr, loss_ptr, metrics_ptr,
-                         N, eps_low, eps_high, clip_c, kl_coef,
+                         N, eps_low, eps_high, clip_c, kl_coef, w_ptr,
                          HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_W: tl.constexpr = False):
     # grid = (1,): one program walks all N tokens; per-lane sums, one fixed-order reduction at the end.
     lanes = tl.arange(0, BLOCK)
     acc_loss = tl.zeros([BLOCK], tl.float32)
@@ -118,6 +125,8 @@ def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, num_toke
         ref = _load_token(ref_ptr, offs, inb, HAS_REF)
         pg, kl, d, clipped, dual, dpg, dkl = _token_terms(logp, old, ref, adv, eps_low, eps_high, clip_c,
                                                           HAS_OLD, HAS_REF, KL_TYPE)
+        if HAS_W:
+            pg = pg * tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         # tl.where, not m·x: a masked token's inf/NaN must not leak into the sums
         acc_loss += tl.where(live, m * (pg + kl_coef * kl), 0.0)
         acc_clip += tl.where(live & clipped, m, 0.0)
@@ -135,9 +144,9 @@ def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, num_toke
 
 @triton.jit
 def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, num_tokens_ptr, grad_loss_ptr, dlogp_ptr,
-                         N, eps_low, eps_high, clip_c, kl_coef,
+                         N, eps_low, eps_high, clip_c, kl_coef, w_ptr,
                          HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_W: tl.constexpr = False):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
@@ -148,6 +157,8 @@ def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, num_toke
     ref = _load_token(ref_ptr, offs, inb, HAS_REF)
     pg, kl, d, clipped, dual, dpg, dkl = _token_terms(logp, old, ref, adv, eps_low, eps_high, clip_c,
                                                       HAS_OLD, HAS_REF, KL_TYPE)
+    if HAS_W:
+        dpg = dpg * tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     num = tl.load(num_tokens_ptr).to(tl.float32)
     scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.where(num != 0.0, num, 1.0)
     dlogp = tl.where(live, (m * scale) * (dpg + kl_coef * dkl), 0.0)
@@ -157,17 +168,19 @@ def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, num_toke
 class _PPOLossTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, num_tokens,
-                eps_low, eps_high, clip_c, kl_coef, kl_type):
+                eps_low, eps_high, clip_c, kl_coef, kl_type, pg_weight):
         loss = torch.empty((), dtype=torch.float32, device=logp.device)
         metrics = torch.empty(4, dtype=torch.float32, device=logp.device)
-        params = (logp.numel(), float(eps_low), float(eps_high), float(clip_c), float(kl_coef))
-        flags = dict(HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, KL_TYPE=KL_TYPES[kl_type])
         # absent inputs: pass logp as a never-read placeholder pointer
         old_arg = old_logp if old_logp is not None else logp
         ref_arg = ref_logp if ref_logp is not None else logp
+        w_arg = pg_weight if pg_weight is not None else logp
+        params = (logp.numel(), float(eps_low), float(eps_high), float(clip_c), float(kl_coef), w_arg)
+        flags = dict(HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, KL_TYPE=KL_TYPES[kl_type],
+                     HAS_W=pg_weight is not None)
         _ppo_loss_fwd_kernel[(1,)](logp, old_arg, ref_arg, advantages, mask, num_tokens, loss, metrics, *params,
                                    **flags, BLOCK=_FWD_BLOCK, num_warps=_FWD_WARPS)
-        ctx.save_for_backward(logp, old_arg, ref_arg, advantages, mask, num_tokens)
+        ctx.save_for_backward(logp, old_arg, ref_arg, advantages, mask, num_tokens, w_arg)
         ctx.params, ctx.flags = params, flags
         ctx.mark_non_differentiable(metrics)
         # no zero-filled gradient for `metrics` in backward: that fill would be a third launch per step
@@ -177,23 +190,25 @@ class _PPOLossTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         if not ctx.needs_input_grad[0] or grad_loss is None:
-            return (None,) * 11
-        logp, old_arg, ref_arg, advantages, mask, num_tokens = ctx.saved_tensors
+            return (None,) * 12
+        logp, old_arg, ref_arg, advantages, mask, num_tokens, w_arg = ctx.saved_tensors
         dlogp = torch.empty_like(logp)
         n = logp.numel()
         if n > 0:
             grad_loss = grad_loss.to(torch.float32).contiguous()
             _ppo_loss_bwd_kernel[(triton.cdiv(n, _BWD_BLOCK),)](
-                logp, old_arg, ref_arg, advantages, mask, num_tokens, grad_loss, dlogp, *ctx.params,
+                logp, old_arg, ref_arg, advantages, mask, num_tokens, grad_loss, dlogp, *ctx.params[:-1], w_arg,
                 **ctx.flags, BLOCK=_BWD_BLOCK, num_warps=_BWD_WARPS)
-        return (dlogp,) + (None,) * 10
+        return (dlogp,) + (None,) * 11
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low, eps_high, clip_c, kl_type):
+def _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low, eps_high, clip_c, kl_type,
+                pg_weight=None):
     if logp.dim() != 1:
         raise ValueError(f"logp must be 1-D [N], got shape {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("advantages", advantages), ("mask", mask)):
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("advantages", advantages), ("mask", mask),
+                    ("pg_weight", pg_weight)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != logp shape {tuple(logp.shape)}")
     if not isinstance(num_tokens, torch.Tensor) or num_tokens.numel() != 1:
@@ -209,18 +224,21 @@ def _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low,
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
              advantages: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor,
              eps_low: float = 0.2, eps_high: float = 0.28, clip_c: float = 3.0, kl_coef: float = 0.0,
-             kl_type: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             kl_type: str = "k3", pg_weight: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-mean dual-clip PPO + KL loss -> (loss 0-dim fp32, {pg_clipfrac, pg_clipfrac_lower, ppo_kl, kl}).
 
-    All vectors are [N]; mask is bool or float (a float mask weights tokens); num_tokens is a 1-element
-    tensor holding the global response-token count. Dispatches on kernels.backend.
+    All vectors are [N]; mask is bool or float (a float mask weights tokens, both terms); pg_weight (optional, [N])
+    weights the policy-gradient term only; num_tokens is a 1-element tensor holding the global response-token
+    count. Dispatches on kernels.backend.
     """
     if not isinstance(num_tokens, torch.Tensor):
         num_tokens = torch.tensor(float(num_tokens), device=logp.device)
-    _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low, eps_high, clip_c, kl_type)
+    _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low, eps_high, clip_c, kl_type,
+                pg_weight)
     if not use_triton(logp, old_logp, ref_logp, advantages, mask) or logp.numel() == 0:  # N = 0: nothing to launch
         return ppo_loss_torch(logp, old_logp, ref_logp, advantages, mask, num_tokens,
-                              eps_low, eps_high, clip_c, kl_coef, kl_type)
+                              eps_low, eps_high, clip_c, kl_coef, kl_type, pg_weight)
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # same bytes; avoids i1 pointers
     num_tokens = num_tokens.reshape(()).to(logp.device)
     loss, metrics = _PPOLossTriton.apply(
@@ -228,19 +246,22 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.
         None if old_logp is None else old_logp.detach().contiguous(),
         None if ref_logp is None else ref_logp.detach().contiguous(),
         advantages.detach().contiguous(), mask.contiguous(), num_tokens,
-        eps_low, eps_high, clip_c, kl_coef, kl_type)
+        eps_low, eps_high, clip_c, kl_coef, kl_type,
+        None if pg_weight is None else pg_weight.detach().float().contiguous())
     return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
 
 
 def ppo_loss_torch(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                    advantages: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor,
                    eps_low: float = 0.2, eps_high: float = 0.28, clip_c: float = 3.0, kl_coef: float = 0.0,
-                   kl_type: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   kl_type: str = "k3", pg_weight: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PyTorch reference of `ppo_loss` (same signature, autograd gradient). Computes in fp32, or in
     fp64 when logp is fp64 (the tests' reference)."""
     if not isinstance(num_tokens, torch.Tensor):
         num_tokens = torch.tensor(float(num_tokens), device=logp.device)
-    _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low, eps_high, clip_c, kl_type)
+    _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low, eps_high, clip_c, kl_type,
+                pg_weight)
     dtype = torch.promote_types(logp.dtype, torch.float32)
     live = mask != 0
     m = mask.to(dtype)
@@ -261,6 +282,8 @@ def ppo_loss_torch(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: 
     clip1 = torch.maximum(pg1, pg2)
     pg3 = -adv * clip_c
     pg = torch.where(adv < 0, torch.minimum(pg3, clip1), clip1)
+    if pg_weight is not None:  # rollout correction's truncated IS weight: on the pg term only, a constant
+        pg = pg * masked(pg_weight).detach()
 
     if ref_logp is None:
         kl = torch.zeros_like(logp)

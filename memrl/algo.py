@@ -6,6 +6,10 @@
 Invariants:
 - The advantage of trajectory i is computed once per trajectory, then put on every response token of every turn of
   i (memory turns and the final turn alike); prompt tokens carry nothing (they are not even scored).
+- A record is one training sequence. Memory / single-turn records hold one reply (response_ids). A conversation row
+  (memrl.conversation) holds a whole chat in one sequence: its response_spans mark every assistant reply inside
+  response_ids, and only those tokens are scored and trained (the user messages between them are masked, as the
+  prompt is).
 - The loss is Σ m·(pg + β·kl) / N_global, so summing policy_loss over micro-batches (and ranks) gives exactly one
   global token-mean, whatever the packing.
 - pack_turns is deterministic: the same records and budget give the same micro-batches, so a scoring pass and a
@@ -18,28 +22,56 @@ from dataclasses import dataclass
 
 import torch
 
-TURN_KINDS = ("memory", "final")
+TURN_KINDS = ("memory", "final", "conversation")  # conversation: a whole chat as one training row
 
 
 @dataclass
 class TurnRecord:
-    """One generated turn of one trajectory, as the rollout produces it."""
+    """One training sequence: a generated turn of one trajectory as the rollout produces it, or (response_spans set)
+    a whole conversation merged into one row by memrl.conversation.conversation_row."""
 
     prompt_ids: list[int]  # the full prompt of this turn (template + question + memory/shard), never trained on
     response_ids: list[int]  # generated tokens, the stop token included (training sees the end of turn)
-    logprobs: list[float]  # the sampler's fp32 log-prob of each response token (len == len(response_ids))
+    logprobs: list[float]  # the sampler's fp32 log-prob of each reply token (len == num_response_tokens)
     trajectory_id: int  # dense index 0..n_traj-1 of the trajectory within the batch: indexes the advantages
     group_id: int  # the problem: the G trajectories of one problem share it
     turn_index: int  # 0..T-1 memory turns, then the final turn
-    kind: str  # "memory" | "final"
+    kind: str  # "memory" | "final" | "conversation"
     finish_reason: str = "stop"  # "length" when the generation hit its token limit (a cut memory / answer)
+    # None: all of response_ids is one reply. A conversation row: response_ids is everything after the first prompt
+    # (reply 0, user message 1, reply 1, ..., the last reply) and these [start, end) offsets into it mark the
+    # replies, in order; logprobs follow the replies' tokens in that order
+    response_spans: list[tuple[int, int]] | None = None
 
     def __post_init__(self):
         assert self.kind in TURN_KINDS, f"kind must be one of {TURN_KINDS}, got {self.kind!r}"
         assert len(self.prompt_ids) >= 1, "a turn needs a prompt (its last token predicts the first response token)"
-        assert len(self.logprobs) == len(self.response_ids), (
-            f"{len(self.logprobs)} logprobs for {len(self.response_ids)} response tokens")
+        if self.response_spans is not None:
+            self.response_spans = [(int(a), int(b)) for a, b in self.response_spans]
+            ends = [0] + [x for span in self.response_spans for x in span]
+            assert self.response_spans and all(a <= b for a, b in zip(ends, ends[1:])) and all(
+                a < b for a, b in self.response_spans) and ends[-1] <= len(self.response_ids), (
+                f"response_spans must be non-empty, ordered, disjoint spans inside the {len(self.response_ids)} "
+                f"completion tokens: {self.response_spans}")
+        assert len(self.logprobs) == self.num_response_tokens, (
+            f"{len(self.logprobs)} logprobs for {self.num_response_tokens} response tokens")
         assert self.trajectory_id >= 0, self.trajectory_id
+
+    @property
+    def num_response_tokens(self) -> int:
+        """Tokens the model generated in this sequence: the ones scored, trained and counted in N_tokens."""
+        if self.response_spans is None:
+            return len(self.response_ids)
+        return sum(b - a for a, b in self.response_spans)
+
+    def reply_mask(self) -> list[bool]:
+        """Over response_ids: True on the model's own tokens (every one, unless response_spans says otherwise)."""
+        if self.response_spans is None:
+            return [True] * len(self.response_ids)
+        mask = [False] * len(self.response_ids)
+        for a, b in self.response_spans:
+            mask[a:b] = [True] * (b - a)
+        return mask
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -195,6 +227,11 @@ class PackedBatch:
         return self.input_ids.shape[1]
 
     @property
+    def response_record(self) -> torch.Tensor:
+        """[N] long: the position (in record_indices) of the record each response token belongs to."""
+        return self.seq_ids[0].index_select(0, self.response_rows)
+
+    @property
     def num_response_tokens(self) -> int:
         return self.response_rows.shape[0]
 
@@ -229,8 +266,8 @@ def _pack(recs: list[TurnRecord], idx: list[int], traj_advantages: torch.Tensor)
         tgt += full[1:]
         pos += range(n_in)
         seq += [s] * n_in
-        # rows P-1 .. P+R-2 predict the R response tokens
-        mask += [False] * (len(rec.prompt_ids) - 1) + [True] * len(rec.response_ids)
+        # rows P-1 .. P+R-2 predict the R completion tokens; of those, the replies' tokens are trained
+        mask += [False] * (len(rec.prompt_ids) - 1) + rec.reply_mask()
     response_mask = torch.tensor(mask, dtype=torch.bool)
     return PackedBatch(
         input_ids=torch.tensor(ids, dtype=torch.long)[None],
@@ -240,7 +277,7 @@ def _pack(recs: list[TurnRecord], idx: list[int], traj_advantages: torch.Tensor)
         response_mask=response_mask,
         response_rows=response_mask.nonzero().squeeze(1),
         advantages=broadcast_advantages(traj_advantages, [r.trajectory_id for r in recs],
-                                        [len(r.response_ids) for r in recs]),
+                                        [r.num_response_tokens for r in recs]),
         rollout_logprobs=torch.tensor([lp for r in recs for lp in r.logprobs], dtype=torch.float32),
         record_indices=list(idx),
         turn_kinds=[r.kind for r in recs],
@@ -249,7 +286,7 @@ def _pack(recs: list[TurnRecord], idx: list[int], traj_advantages: torch.Tensor)
 
 def count_response_tokens(records: Sequence[TurnRecord]) -> int:
     """This rank's share of N_tokens; all-reduce (sum) it over ranks before the loss."""
-    return sum(len(r.response_ids) for r in records)
+    return sum(r.num_response_tokens for r in records)
 
 
 # ----------------------------------------------------------------------------- log-probs and loss
@@ -281,6 +318,7 @@ def policy_loss(
     clip_c: float = 3.0,
     kl_coef: float = 0.0,
     kl_type: str = "k3",
+    pg_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ m·(pg + β·kl) / N_global for one micro-batch (DESIGN §5), by the fused kernel B.
 
@@ -288,6 +326,8 @@ def policy_loss(
     ones). num_tokens: 0-dim tensor on logp's device, the GLOBAL count of response tokens (all micro-batches, all
     ranks), so that summing the returned loss and metrics over micro-batches gives the global token-mean exactly.
     old_logp None: on-policy, ratio ≡ 1 (DESIGN §3.6). Every metric is a sum over this call divided by num_tokens.
+    pg_weight: a per-token weight on the policy-gradient term only (rollout correction's truncated IS weight,
+    memrl/rollout_correction.py); None = 1.
     """
     from kernels import ppo_loss
 
@@ -296,7 +336,8 @@ def policy_loss(
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
     loss, metrics = ppo_loss(logp, old_logp, ref_logp, advantages.float(), mask, num_tokens,
-                             eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type)
+                             eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
+                             pg_weight=pg_weight)
     metrics = dict(metrics)
     if entropy is not None:  # logged only (DAPO: watch for entropy collapse); same sum / N_global convention
         metrics["entropy"] = (entropy.detach().float() * mask).sum() / num_tokens

@@ -24,10 +24,13 @@ from pathlib import Path
 
 from memrl.length_profile import PROFILES
 # The turn templates (DESIGN §4) live in memrl.templates; here they are data, overridable like any other field.
-from memrl.templates import (FINAL_TEMPLATE, MEMORY_TEMPLATE, REASONED_FINAL_TEMPLATE,
-                             REASONED_SINGLE_TURN_TEMPLATE, SINGLE_TURN_TEMPLATE)
+from memrl.templates import (CONVERSATION_FINAL_TEMPLATE, CONVERSATION_SHARD_TEMPLATE, FINAL_TEMPLATE,
+                             MEMORY_TEMPLATE, REASONED_FINAL_TEMPLATE, REASONED_SINGLE_TURN_TEMPLATE,
+                             SINGLE_TURN_TEMPLATE, without_memory_line)
 
 RUN_CONFIG_NAME = "run_config.json"
+# rollout.condition values a run can TRAIN under; full_history is the paper's evaluation condition only
+TRAIN_CONDITIONS = ("memory", "conversation", "single_turn")
 
 
 class ConfigError(ValueError):
@@ -50,7 +53,8 @@ class ModelCfg:
 
 @dataclass
 class RolloutCfg:
-    condition: str = "memory"  # memory | full_history | single_turn (DESIGN §4); the method trains "memory"
+    # Not full_history: that is the paper's evaluation condition (shards in the prompt, evaluate.py)
+    condition: str = "memory"  # memory (the method) | conversation (full-history baseline: a real chat) | single_turn
     group_size: int = 4  # G trajectories per problem (paper §4: G = 4)
     memory_cap_tokens: int = 256  # paper A.1: the memory buffer cap, enforced as a memory turn's max_new_tokens
     response_max_tokens: int = 512  # paper A.1: final-answer budget (512 for the 1.5B model, 1,024 for the 4B)
@@ -69,9 +73,16 @@ class RolloutCfg:
     memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
     final_template: str = FINAL_TEMPLATE  # paper Figure 4 (final turn); full-history fills {memory} with all shards
     single_turn_template: str = SINGLE_TURN_TEMPLATE  # the single-turn baseline: the whole problem in one prompt
+    conversation_shard_template: str = CONVERSATION_SHARD_TEMPLATE  # conversation: a shard's user message
+    conversation_final_template: str = CONVERSATION_FINAL_TEMPLATE  # conversation: the final user message
 
     def __post_init__(self):
-        assert self.condition in ("memory", "full_history", "single_turn"), f"rollout.condition: {self.condition!r}"
+        assert self.condition != "full_history", (
+            "rollout.condition: full_history is the paper's evaluation condition (all shards so far in one prompt; "
+            "evaluate.py --conditions=full_history); train the full-history baseline with rollout.condition="
+            "conversation (a real multi-turn chat)")
+        assert self.condition in TRAIN_CONDITIONS, (
+            f"rollout.condition must be one of {TRAIN_CONDITIONS}, got {self.condition!r}")
         assert self.group_size >= 1, "rollout.group_size must be >= 1"
         assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
         assert self.thinking_budget_tokens >= 0, "rollout.thinking_budget_tokens must be >= 0"
@@ -83,7 +94,9 @@ class RolloutCfg:
             f"rollout.length_profile: unknown {self.length_profile!r}; known: {sorted(PROFILES)}")
         for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
                            ("final_template", ("{question}", "{memory}")),
-                           ("single_turn_template", ("{question}", "{problem}"))):
+                           ("single_turn_template", ("{question}", "{problem}")),
+                           ("conversation_shard_template", ("{question}", "{segment}")),
+                           ("conversation_final_template", ("{question}",))):
             missing = [k for k in keys if k not in getattr(self, name)]
             assert not missing, f"rollout.{name} lacks the placeholder(s) {missing}"
 
@@ -100,7 +113,13 @@ class AlgoCfg:
     max_sampling_rounds: int = 3  # bound on refill rounds (verl's max_num_gen_batches) before giving up loudly
     overlong_shaping: bool = False  # DAPO soft overlong penalty on the final answer (off by default, DESIGN §5)
     overlong_cache_tokens: int = 128  # L_cache: the last quarter of the 512-token answer budget is penalised
-    updates_per_rollout: int = 1  # 1 = on-policy: π_old = logp.detach(), ratio ≡ 1 (DESIGN §3.6)
+    # optimizer steps per RL step, over mini-batches split by problem (memrl/minibatch.py; MemAgent: 16)
+    mini_batches: int = 1  # 1 = one on-policy step: π_old = logp.detach(), ratio ≡ 1, the clips never act (§3.6)
+    # rollout correction (memrl/rollout_correction.py), off by default; the mismatch metrics are logged either way
+    tis_cap: float = 0.0  # C of token-level truncated IS, min(π_train/π_rollout, C) (Yao et al. 2025: 2); 0 = off
+    seq_mask: bool = False  # drop sequences whose geometric-mean ratio exp(mean log(π_train/π_rollout)) leaves:
+    seq_mask_low: float = 0.999  # [low, high] (verl's geometric rejection sampling: ~1 ± 1e-3)
+    seq_mask_high: float = 1.001  # upper bound of the geometric-mean ratio
 
     def __post_init__(self):
         assert self.advantage in ("drgrpo", "grpo"), f"algo.advantage: {self.advantage!r}"
@@ -109,7 +128,14 @@ class AlgoCfg:
         assert self.kl_coef >= 0 and self.kl_type in ("k1", "k2", "k3"), "algo.kl_coef >= 0, kl_type k1|k2|k3"
         assert self.max_sampling_rounds >= 1, "algo.max_sampling_rounds must be >= 1"
         assert self.overlong_cache_tokens >= 1, "algo.overlong_cache_tokens must be >= 1"
-        assert self.updates_per_rollout >= 1, "algo.updates_per_rollout must be >= 1"
+        assert self.mini_batches >= 1, "algo.mini_batches must be >= 1"
+        assert self.tis_cap == 0 or self.tis_cap >= 1, "algo.tis_cap must be 0 (off) or >= 1 (a cap below 1 would "\
+            "down-weight on-policy tokens)"
+        assert 0 < self.seq_mask_low <= 1 <= self.seq_mask_high, "algo.seq_mask_low <= 1 <= algo.seq_mask_high"
+
+    @property
+    def rollout_correction(self) -> bool:
+        return self.tis_cap > 0 or self.seq_mask
 
 
 @dataclass
@@ -165,6 +191,7 @@ class TrainCfg:
     log_every: int = 1  # steps between metrics.jsonl lines
     device: str = "auto"  # auto = cuda when available, else cpu
     resume: str = field(default="", metadata={"flag": "latest"})  # "" | latest | a checkpoint dir
+    dump_loss_inputs: str = ""  # tests / debugging: save every micro-batch's loss inputs and outputs in this dir
 
     def __post_init__(self):
         assert self.batch_size >= 1 and self.epochs >= 1, "train.batch_size, epochs must be >= 1"
@@ -188,12 +215,18 @@ class Config:
         assert not self.algo.dynamic_sampling or self.rollout.group_size >= 2, "dynamic sampling needs group_size >= 2"
         assert self.algo.overlong_cache_tokens <= self.rollout.response_max_tokens or not self.algo.overlong_shaping, (
             "algo.overlong_cache_tokens must not exceed rollout.response_max_tokens")
+        assert self.algo.mini_batches <= self.train.batch_size, (
+            f"algo.mini_batches={self.algo.mini_batches} exceeds train.batch_size={self.train.batch_size}: a "
+            f"mini-batch holds whole problems")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS = ("model", "rollout", "algo", "optim", "data", "train")
+# keys that no longer exist, with what replaced them (a saved config or a command line naming one gets this)
+RENAMED = {"algo.updates_per_rollout": "algo.mini_batches (optimizer steps per RL step, over mini-batches split by "
+                                       "problem; the old key re-ran the whole batch)"}
 
 
 # ----------------------------------------------------------------------------- presets
@@ -206,7 +239,9 @@ def _default() -> Config:
         preset="default",
         model=ModelCfg(path="", dtype="float32"),
         rollout=RolloutCfg(group_size=8, memory_cap_tokens=16, response_max_tokens=12),
-        algo=AlgoCfg(kl_coef=0.0),  # no reference model: half the scoring cost on a CPU
+        # no reference model: half the scoring cost on a CPU; one on-policy optimizer step per RL step (mini_batches
+        # 1), the setting the README's default-run numbers were measured with
+        algo=AlgoCfg(kl_coef=0.0),
         optim=OptimCfg(lr=2e-4, warmup_steps=5, weight_decay=0.0),
         data=DataCfg(reward_kind="gsm8k", max_shards=8, max_shard_tokens=64, eval_limit=128),
         train=TrainCfg(run_dir="runs/default", batch_size=16, max_steps=20, micro_batch_tokens=512,
@@ -216,13 +251,15 @@ def _default() -> Config:
 
 def _paper_1_5b() -> Config:
     # The paper's 1.5B run (§4, appendix A.1): sharded GSM8K, 10 epochs, batch 64, G = 4, memory 256, answer 512.
+    # 16 mini-batches of 4 problems per RL step, as MemAgent (the verl recipe the paper builds on) runs it.
     return Config(
         preset="paper-1.5b",
         model=ModelCfg(path="Qwen/Qwen2.5-Math-1.5B-Instruct", dtype="bfloat16"),
         # final / single-turn prompts that ask for reasoning and \boxed{} (memrl/templates.py says why)
         rollout=RolloutCfg(group_size=4, memory_cap_tokens=256, response_max_tokens=512,
-                           final_template=REASONED_FINAL_TEMPLATE, single_turn_template=REASONED_SINGLE_TURN_TEMPLATE),
-        algo=AlgoCfg(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.001, kl_type="k3"),
+                           final_template=REASONED_FINAL_TEMPLATE, single_turn_template=REASONED_SINGLE_TURN_TEMPLATE,
+                           conversation_final_template=without_memory_line(REASONED_FINAL_TEMPLATE)),
+        algo=AlgoCfg(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.001, kl_type="k3", mini_batches=16),
         optim=OptimCfg(lr=1e-6, warmup_steps=10),
         data=DataCfg(reward_kind="gsm8k", max_shards=35, max_shard_tokens=1024),
         train=TrainCfg(run_dir="runs/paper-1.5b", batch_size=64, epochs=10, micro_batch_tokens=16384,
@@ -315,6 +352,9 @@ def _all_keys(cfg: Config) -> list[str]:
 
 
 def _resolve_key(cfg: Config, key: str) -> tuple[str, str]:
+    renamed = [new for old, new in RENAMED.items() if key in (old, old.split(".")[1])]
+    if renamed:
+        raise ConfigError(f"--{key} was replaced by {renamed[0]}")
     if "." in key:
         section, name = key.split(".", 1)
         if section in SECTIONS and name in _fields(getattr(cfg, section)):
@@ -410,6 +450,9 @@ def config_from_dict(d: dict) -> Config:
             raise ConfigError(f"{s}: expected an object, got {type(sec_d).__name__}")
         fields = _fields(getattr(defaults, s))
         extra = sorted(set(sec_d) - set(fields))
+        renamed = [f"{s}.{k} was replaced by {RENAMED[f'{s}.{k}']}" for k in extra if f"{s}.{k}" in RENAMED]
+        if renamed:
+            raise ConfigError("; ".join(renamed))
         if extra:
             raise ConfigError(f"unknown config key(s) {[f'{s}.{k}' for k in extra]}")
         typed = {k: _coerce(f"{s}.{k}", fields[k][0], v, from_text=False) for k, v in sec_d.items()}

@@ -46,6 +46,15 @@ How a call runs
      `stats` reports compile_s / capture_s (and compiles / captures) apart from prefill_s; `lifetime` sums them
      over all calls. benchmarks/bench_first_step.py measures each part.
 
+KV continuation (a conversation's turns, memrl/kv_retain.py; the rollout's `conversation` condition)
+  `retain=True` keeps each finished sequence's K/V (copied out of its slot at compaction) under `Completion.handle`;
+  a later request with `extend=[handle]` whose ids start with that sequence (prompt + completion) restores the K/V
+  into its slot and prefills only the new ids (`_prefill_extend`: attention over the restored prefix + the suffix,
+  at absolute positions). `min_slot_len` keeps the slot layout (and so the CUDA graphs) the same across a
+  conversation's turns: the rollout passes the conversation's longest possible length. Greedy tokens equal a fresh
+  prefill of the whole ids (up to floating-point reduction order: tests/test_kv_continuation.py checks log-probs
+  within 1e-5 on CPU).
+
 Guarantees
   - Greedy = argmax at every step (equal to transformers' greedy generate and to a full-recompute loop, up to
     floating-point ties). Sampling is seeded per request: a request with its own seed samples tokens that depend
@@ -74,7 +83,8 @@ import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 from kernels.backend import get_backend
-from memrl.kv_cache import KVCache, decode_attention_op, prefill_attention_op
+from memrl.kv_cache import KVCache, decode_attention_op, extend_attention_op, prefill_attention_op
+from memrl.kv_retain import Retained, RetainedKV
 from memrl.model import Transformer
 from memrl.sampling import SamplingParams, row_keys, sample_fused, sample_torch
 
@@ -88,6 +98,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # fp32 log-prob of each token under the distribution it was sampled from
     finish_reason: str  # "stop" | "length"
+    handle: int | None = None  # retain=True: names this sequence's kept K/V, for a later extend=[handle]
 
 
 @dataclass
@@ -100,6 +111,8 @@ class _Request:
     stream: int  # mixed into the noise keys: the prompt index when the seed is shared, else -1
     first_row: int  # result row of sample 0
     samples: list[int]  # sample indices not yet admitted
+    retain: bool = False  # keep each finished sample's K/V (KV continuation)
+    extends: Retained | None = None  # the retained sequence these ids continue: only ids[extends.kv_len:] prefill
 
 
 MIN_BUCKET = 32  # rows; also keeps a batch of 1 (a size the compiler would specialise) out of the compiled step
@@ -159,7 +172,8 @@ class Generator:
     def __init__(self, model: Transformer, vocab_size: int, kv_budget_tokens: int | None = None,
                  kv_memory_fraction: float = 0.5, prefill_tokens: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | None = None, sync_every: int | None = None,
-                 kernels: str | None = None, compile_fallback: bool = True, compile_prefill: bool = False):
+                 kernels: str | None = None, compile_fallback: bool = True, compile_prefill: bool = False,
+                 retain_budget_tokens: int | None = None):
         """model: our Transformer (any device/dtype). vocab_size: the tokenizer's real size (ids above it are masked).
 
         kv_budget_tokens: KV cache size in tokens (all rows x their slot length); default on GPU: kv_memory_fraction
@@ -171,6 +185,7 @@ class Generator:
         sync_every: decode steps between host looks at the device; default 16 on GPU, 1 on CPU (syncs are free).
         kernels: "triton" | "torch" | None (kernels.get_backend(); "auto" = Triton on CUDA, the torch references on
           CPU even under TRITON_INTERPRET, which is for kernel tests — pass "triton" to run the interpreter).
+        retain_budget_tokens: bound on the K/V tokens kept for continuation (retain=True); None = no bound.
         """
         cfg = model.config
         if not 0 < vocab_size <= cfg.vocab_size:
@@ -201,7 +216,8 @@ class Generator:
         self._graphs: dict = {}
         self._layouts: dict = {}  # earlier layout key -> (its slot state, its graphs), least recently used first
         self._pool = None
-        self._decode_fn = self._prefill_fn = None
+        self._decode_fn = self._prefill_fn = self._extend_fn = None
+        self.retained = RetainedKV(retain_budget_tokens)  # KV continuation: finished sequences kept by handle
         self.last_stats: dict = {}
         self.stats: dict = {}
         self.lifetime = dict(compile_s=0.0, compiles=0, capture_s=0.0, captures=0)  # over every call
@@ -209,10 +225,17 @@ class Generator:
     # -- public ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
-        """Completions ordered by (prompt_index, sample_index); n samples of a prompt share one prefill."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
+                 retain: bool | list[bool] = False, extend: list[int | None] | None = None,
+                 min_slot_len: int = 0) -> list[Completion]:
+        """Completions ordered by (prompt_index, sample_index); n samples of a prompt share one prefill.
+
+        KV continuation: retain (one flag, or one per prompt) keeps each finished sample's K/V under
+        Completion.handle; extend[i] = a handle whose sequence prompts[i] continues (n must be 1). min_slot_len: a
+        lower bound on the slot length of this call (keeps one layout over a conversation's turns)."""
         t0 = time.perf_counter()
-        requests, results, live = self._start(prompts, params)
+        requests, results, live = self._start(prompts, params, retain=retain, extend=extend,
+                                              min_slot_len=min_slot_len)
         if live:
             self._run(live)
             self._collect(requests, results)
@@ -224,30 +247,44 @@ class Generator:
         return results
 
     @torch.no_grad()
-    def _start(self, prompts, params):
+    def _start(self, prompts, params, retain=False, extend=None, min_slot_len: int = 0):
         """Validate, reset the stats, size the cache: (requests, results, live requests). Also the benchmark's
         entry point for driving single decode steps (benchmarks/bench_generate.py)."""
-        requests, results = self._requests(prompts, params)
+        requests, results = self._requests(prompts, params, retain, extend)
         self.stats = dict(rows=len(results), prefill_s=0.0, prefill_tokens=0, prefill_padded_tokens=0,
                           decode_steps=0, decode_row_steps=0, padded_row_steps=0, capture_s=0.0, captures=0,
-                          compile_s=0.0, compiles=0, admissions=0)
+                          compile_s=0.0, compiles=0, admissions=0,
+                          reused_kv_tokens=sum(r.extends.kv_len for r in requests if r.extends is not None))
         live = [r for r in requests if r.max_new > 0]
         if live:
-            self._prepare(live, len(results))
+            self._prepare(live, len(results), min_slot_len)
         return requests, results, live
 
+    def free(self, handles) -> None:
+        """Drop retained sequences that will not be extended (KV continuation)."""
+        self.retained.free(handles)
+
     def release(self) -> None:
-        """Free the KV cache and the CUDA graphs (their memory returns to PyTorch's allocator)."""
+        """Free the KV cache, the CUDA graphs and every retained sequence (their memory returns to PyTorch)."""
         self.cache.release()
+        self.retained.clear()
         self.state, self._layout_key, self._graphs, self._layouts, self._pool = None, None, {}, {}, None
 
     # -- validation and planning -------------------------------------------------------------------------------
 
-    def _requests(self, prompts, params):
+    def _requests(self, prompts, params, retain=False, extend=None):
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        retain = [retain] * len(prompts) if isinstance(retain, bool) else list(retain)
+        extend = [None] * len(prompts) if extend is None else list(extend)
+        if len(retain) != len(prompts) or len(extend) != len(prompts):
+            raise ValueError(f"retain / extend need one entry per prompt ({len(prompts)}), got {len(retain)} / "
+                             f"{len(extend)}")
+        handles = [h for h in extend if h is not None]
+        if len(set(handles)) != len(handles):
+            raise ValueError("two prompts extend the same retained sequence (a handle is used once)")
         window, vocab_rows = self.cfg.max_position_embeddings, self.cfg.vocab_size
         shared = {sd for sd in (p.seed for p in params) if sd is not None}
         shared = {sd for sd in shared if sum(p.seed == sd for p in params) > 1}
@@ -266,14 +303,18 @@ class Generator:
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             stream = i if p.seed is None or p.seed in shared else -1
             max_new = min(p.max_new_tokens, window - len(ids))
-            requests.append(_Request(i, ids, p, max_new, seed, stream, len(results), list(range(p.n))))
+            extends = None if extend[i] is None else self.retained.check(extend[i], ids, p.n, i)
+            requests.append(_Request(i, ids, p, max_new, seed, stream, len(results), list(range(p.n)),
+                                     bool(retain[i]), extends))
             results += [Completion(i, j, [], [], "length") for j in range(p.n)]
+        for h in handles:  # every prompt passed: the call now owns these sequences' K/V
+            self.retained.pop(h)
         return requests, results
 
-    def _prepare(self, requests: list[_Request], rows: int) -> None:
+    def _prepare(self, requests: list[_Request], rows: int, min_slot_len: int = 0) -> None:
         """Size the cache and the static state for this call; drop CUDA graphs that no longer apply."""
         granule = 128 if self.cuda_graphs else 16  # coarse on GPU: calls with similar lengths reuse their graphs
-        longest = max(len(r.ids) + r.max_new for r in requests)
+        longest = max(max(len(r.ids) + r.max_new for r in requests), min_slot_len)
         slot_len = -(-longest // granule) * granule
         need = sum(len(r.samples) for r in requests) * slot_len
         tokens = min(need, self._budget_tokens(rows))
@@ -296,6 +337,8 @@ class Generator:
         self.h_len = np.zeros(S, dtype=np.int64)  # prompt length
         self.h_max_new = np.zeros(S, dtype=np.int64)
         self.h_trunc = np.zeros(S, dtype=bool)  # row needs the top-k/top-p sampler
+        self.h_retain = np.zeros(S, dtype=bool)  # KV continuation: copy the row's K/V out when it finishes
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # result row -> its K/V, until _collect
         self.state.reset(0, S)  # every slot inert, even after a call that raised half-way
         self.B = 0
         self.stats.update(slots=S, slot_len=slot_len)
@@ -392,23 +435,30 @@ class Generator:
                 stops = sorted(p.stop_ids)
                 cols["stop"].append(stops + [-1] * (st.stop.shape[1] - len(stops)))
                 self.h_row[s], self.h_gen[s], self.h_len[s] = req.first_row + j, 1, len(req.ids)
-                self.h_max_new[s], self.h_trunc[s] = req.max_new, p.truncates
+                self.h_max_new[s], self.h_trunc[s], self.h_retain[s] = req.max_new, p.truncates, req.retain
         for name, values in cols.items():
             t = getattr(st, name)
             t[lo:hi] = torch.tensor(values, dtype=t.dtype).to(self.device, non_blocking=True)
         st.gen[lo:hi] = 0
         st.done[lo:hi] = False
 
-        # prefill, longest prompts first, in batches of at most prefill_tokens padded tokens
-        entries.sort(key=lambda e: -len(e[0].ids))
-        i = 0
-        while i < len(entries):
-            T = len(entries[i][0].ids)
-            j = i + 1
-            while j < len(entries) and (j - i + 1) * T <= self.prefill_tokens:
-                j += 1
-            self._prefill(entries[i:j])
-            i = j
+        # prefill, longest prompts first, in batches of at most prefill_tokens padded tokens; continuations prefill
+        # only their new ids, after their retained K/V is restored into their slot (their batches are also bounded
+        # in keys: each row gathers its whole prefix, expanded to the query heads, for the masked attention)
+        fresh = sorted((e for e in entries if e[0].extends is None), key=lambda e: -len(e[0].ids))
+        more = sorted((e for e in entries if e[0].extends is not None), key=lambda e: -_suffix_len(e[0]))
+        for group, prefill, length in ((fresh, self._prefill, lambda r: len(r.ids)),
+                                       (more, self._prefill_extend, _suffix_len)):
+            i = 0
+            while i < len(group):
+                T, keys = length(group[i][0]), len(group[i][0].ids)
+                j = i + 1
+                while j < len(group) and (j - i + 1) * T <= self.prefill_tokens and (
+                        (j - i + 1) * max(keys, len(group[j][0].ids)) <= 4 * self.prefill_tokens):
+                    keys = max(keys, len(group[j][0].ids))
+                    j += 1
+                prefill(group[i:j])
+                i = j
         self.B = hi
         self.stats["admissions"] += 1
         self.stats["prefill_s"] += self._now() - t0 - (self.lifetime["compile_s"] - compiling0)  # compile_s apart
@@ -437,6 +487,54 @@ class Generator:
         self.stats["prefill_tokens"] += sum(lens)
         self.stats["prefill_padded_tokens"] += ids.numel()
 
+    # -- KV continuation: prefill of a retained sequence's new ids ---------------------------------------------------
+
+    def _prefill_extend(self, entries) -> None:
+        """Requests that extend a retained sequence: its K/V back into the request's slot, then a prefill of the new
+        ids only, at their absolute positions (attention over the restored prefix + the suffix)."""
+        P, T = len(entries), _suffix_len(entries[0][0])
+        ids = torch.zeros(P, T, dtype=torch.int64)
+        starts, lens, dst = [], [], []
+        for r, (req, take, first) in enumerate(entries):
+            L = req.extends.kv_len
+            self.cache.copy_in(first, req.extends.k, req.extends.v)
+            req.extends = None  # its K/V now lives in the slot; drop the copy
+            suffix = req.ids[L:]
+            ids[r, :len(suffix)] = torch.tensor(suffix)
+            starts.append(L)
+            lens.append(len(suffix))
+            dst.append(first)  # n == 1: one slot per continuing request
+        dev = self.device
+        starts_t, lens_t = torch.tensor(starts, device=dev), torch.tensor(lens, device=dev)
+        dst_t = torch.tensor(dst, device=dev)
+        positions = starts_t[:, None] + torch.arange(T, device=dev)[None, :]  # pads run past the row: never read
+        key_len = max(s + n for s, n in zip(starts, lens))
+        logits = self._extend_forward(ids.to(dev), positions, lens_t - 1, dst_t, starts_t, lens_t, key_len)
+        trunc = self.h_trunc[dst]
+        self._sample_and_advance(dst_t, logits, np.flatnonzero(trunc) if trunc.any() else None)
+        self.stats["prefill_tokens"] += sum(lens)
+        self.stats["prefill_padded_tokens"] += P * T
+
+    def _extend_forward(self, ids, positions, last, dst, starts, lens, key_len: int):
+        if self._extend_fn is None:
+            self._extend_fn = self._maybe_compile(_make_extend_fn(self.model, self.cache.id))
+        return self._extend_fn(ids, positions, last, dst, starts, lens, key_len)
+
+    def _keep_finished(self, finished: np.ndarray, gen: np.ndarray) -> None:
+        """Copy the K/V of finished rows that retain out of their slots (before compaction reuses them). A row
+        that generated g tokens holds K/V for its prompt + g - 1 of them (the last was never fed)."""
+        for s in finished[self.h_retain[finished]]:
+            length = int(self.h_len[s] + gen[s] - 1)
+            try:
+                self.kept[int(self.h_row[s])] = self.cache.copy_out(int(s), length)
+            except torch.OutOfMemoryError as e:
+                raise ValueError(f"out of device memory while retaining finished sequences' K/V for continuation "
+                                 f"({len(self.retained) + len(self.kept)} sequences, {self.retained.tokens_held} "
+                                 f"tokens held): lower kv_memory_fraction, set retain_budget_tokens, or free "
+                                 f"finished conversations") from e
+
+    # -- compaction ------------------------------------------------------------------------------------------------
+
     @torch.no_grad()
     def _compact(self) -> None:
         """Finished rows out (results saved), tail rows into the holes: live rows stay in slots 0..B-1."""
@@ -449,6 +547,8 @@ class Generator:
         finished = np.flatnonzero(done)
         if finished.size == 0:
             return
+        if self.h_retain[finished].any():
+            self._keep_finished(finished, gen)
         fin_t = torch.from_numpy(finished).to(self.device)
         res_rows = torch.from_numpy(self.h_row[finished]).to(self.device)
         self.res_tok.index_copy_(0, res_rows, st.out_tok.index_select(0, fin_t))
@@ -461,7 +561,7 @@ class Generator:
             dst, src = torch.from_numpy(holes).to(self.device), torch.from_numpy(movers).to(self.device)
             st.move(dst, src)
             self.cache.move(dst, src)
-            for h in (self.h_row, self.h_gen, self.h_len, self.h_max_new, self.h_trunc):
+            for h in (self.h_row, self.h_gen, self.h_len, self.h_max_new, self.h_trunc, self.h_retain):
                 h[holes] = h[movers]
         st.reset(k, B)
         self.B = k
@@ -475,6 +575,8 @@ class Generator:
                 c = results[r]
                 c.token_ids, c.logprobs = toks[r][:n], logps[r][:n]
                 c.finish_reason = "stop" if n and c.token_ids[-1] in req.params.stop_ids else "length"
+                if r in self.kept:  # KV continuation: the finished sequence joins the retained store
+                    c.handle = self.retained.keep(req.ids + c.token_ids, *self.kept.pop(r))
 
     # -- one decode step ----------------------------------------------------------------------------------------
 
@@ -538,9 +640,11 @@ class Generator:
         gen = gen + live.long()
         finished = live & (stopped | (gen >= st.max_new[rows]))
         st.gen.index_copy_(0, rows, gen)
-        # a row that just finished keeps its position, so it never writes past its slot while it waits to leave
+        # a row that just finished keeps its position and its last fed token, so while it waits to leave (up to
+        # sync_every steps) it only rewrites the K/V it already holds there: it never writes past its slot, and a
+        # retained sequence's K/V stays intact for continuation (KV continuation)
         st.pos.index_copy_(0, rows, st.pos[rows] + (live & ~finished).long())
-        st.cur_tok.index_copy_(0, rows, torch.where(live, token, st.cur_tok[rows]))
+        st.cur_tok.index_copy_(0, rows, torch.where(live & ~finished, token, st.cur_tok[rows]))
         st.done.index_copy_(0, rows, done | finished)
 
     # -- forward passes (optionally compiled) and CUDA graphs ------------------------------------------------------
@@ -649,6 +753,26 @@ def _make_decode_fn(model: Transformer, cache_id: int):
         return F.linear(hidden[:, 0], model.output_weight())
 
     return decode
+
+
+def _suffix_len(req: _Request) -> int:
+    """Ids a continuing request prefills: everything past its retained K/V."""
+    return len(req.ids) - req.extends.kv_len
+
+
+def _make_extend_fn(model: Transformer, cache_id: int):
+    def extend(ids, positions, last, dst, starts, lens, key_len: int):
+        """Right-padded suffixes [P, T] at absolute positions -> logits [P, V] at each suffix's last token; their K/V
+        stored into slots dst after the restored prefixes (KV continuation)."""
+
+        def attn(layer, q, k, v):
+            return extend_attention_op(q, k, v, dst, starts, lens, key_len, layer, cache_id)
+
+        hidden = model(ids, positions=positions, attn_fn=attn, return_hidden=True)  # (P, T, H)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return F.linear(hidden[rows, last], model.output_weight())
+
+    return extend
 
 
 def _make_prefill_fn(model: Transformer, cache_id: int):

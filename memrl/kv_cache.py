@@ -15,6 +15,11 @@ each gets a copy of the prefix: the fork); decode stores one token per row at it
 kernel does it inside attention (k_new / v_new), the CPU path via a flat index (`slot * Hkv + head) * slot_len +
 pos`. Positions past a row's length hold stale data that is never read.
 
+KV continuation (a conversation's next turn, memrl/kv_retain.py): `copy_out` takes a finished row's valid K/V out
+of its slot before compaction reuses the slot; `copy_in` puts it back into the slot of the request that extends
+the sequence; `extend_attention` then prefills only the new suffix, at positions start.. of that slot, attending
+over the restored prefix and the suffix itself (causal).
+
 The two attention entry points are also registered as torch custom ops (`memrl::decode_attention`,
 `memrl::prefill_attention`) so torch.compile can fuse the rest of the model around them. They find their cache
 through a registry id, as vLLM does: the compiler never sees the cache tensor, hence never functionalises
@@ -97,6 +102,43 @@ class KVCache:
         self.v[layer, dst_slots, :, :T] = v[src_rows]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
 
+    def copy_out(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of a slot's K and V, as new tensors [layers, Hkv, length, D]."""
+        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+
+    def copy_in(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Inverse of copy_out: k, v [layers, Hkv, L, D] into positions 0..L-1 of the slot."""
+        L = k.shape[2]
+        self.k[:, slot, :, :L] = k
+        self.v[:, slot, :, :L] = v
+
+    def extend_attention(self, layer: int, q, k, v, dst_slots, starts, lens, key_len: int) -> torch.Tensor:
+        """q [P, Hq, T, D], k/v [P, Hkv, T, D]: right-padded suffixes whose first token sits at position starts[p] of
+        slot dst_slots[p] (positions 0..starts[p]-1 already hold the sequence's K/V); lens [P] real suffix lengths;
+        key_len = max(starts + lens) (a host int: no device sync here).
+
+        Stores the suffix K/V at starts[p] + t, then attention of each suffix token over positions 0..starts[p] + t of
+        its slot. Padded columns t >= lens[p] write the K/V of the row's last real token onto its last real position
+        (an index_copy_ with duplicate indices is deterministic only when the duplicates carry the same value), so
+        they never write past the row's own positions, whatever the slot length; their outputs are discarded."""
+        P, Hkv, T, D = k.shape
+        dev = k.device
+        t = torch.arange(T, device=dev)
+        src_t = torch.minimum(t[None, :], (lens - 1)[:, None])  # (P, T): padded columns repeat the last token
+        pos = starts[:, None] + src_t  # (P, T)
+        heads = torch.arange(Hkv, device=dev)
+        flat = (dst_slots[:, None, None] * Hkv + heads[None, :, None]) * self.slot_len + pos[:, None, :]  # (P,Hkv,T)
+        gather = src_t[:, None, :, None].expand(P, Hkv, T, D)
+        self.k[layer].view(-1, D).index_copy_(0, flat.reshape(-1), k.gather(2, gather).reshape(-1, D))
+        self.v[layer].view(-1, D).index_copy_(0, flat.reshape(-1), v.gather(2, gather).reshape(-1, D))
+        keys = self.k[layer][dst_slots, :, :key_len]  # (P, Hkv, key_len, D)
+        values = self.v[layer][dst_slots, :, :key_len]
+        if self.q_heads != self.kv_heads:  # explicit GQA expansion: SDPA's masked (memory-efficient) kernel takes it
+            keys = keys.repeat_interleave(self.q_heads // self.kv_heads, dim=1)
+            values = values.repeat_interleave(self.q_heads // self.kv_heads, dim=1)
+        visible = torch.arange(key_len, device=dev)[None, None, :] <= (starts[:, None] + t[None, :])[:, :, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])  # (P, Hq, T, D)
+
     def decode_attention(self, layer: int, q, k, v, kv_index, lengths) -> torch.Tensor:
         """q [B, Hq, 1, D], k/v [B, Hkv, 1, D] of the rows in slots 0..B-1; kv_index [B, Hkv] flat write rows
         (= slot b, position lengths[b]-1; the Triton kernel computes the same address itself);
@@ -136,4 +178,16 @@ def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dst_
 
 @prefill_attention_op.register_fake
 def _(q, k, v, dst_slots, src_rows, layer, cache_id):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("memrl::extend_attention", mutates_args=())
+def extend_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dst_slots: torch.Tensor,
+                        starts: torch.Tensor, lens: torch.Tensor, key_len: int, layer: int,
+                        cache_id: int) -> torch.Tensor:
+    return _REGISTRY[cache_id].extend_attention(layer, q, k, v, dst_slots, starts, lens, key_len).contiguous()
+
+
+@extend_attention_op.register_fake
+def _(q, k, v, dst_slots, starts, lens, key_len, layer, cache_id):
     return q.new_empty(q.shape)

@@ -1,8 +1,12 @@
 """Rollouts: a batch of episodes x G samples under one condition -> turn records + final answers (DESIGN §3.2, §4).
 
     memory        turn t: (question, m_{t-1}, shard t) -> m_t        final: (question, m_T) -> answer
+    conversation  one chat: user (question, shard t) -> assistant reply, ..., user (question, final) -> answer;
+                  every turn's prompt is the whole chat so far, token-in/token-out (memrl/conversation.py): the
+                  paper's full-history TRAINING baseline, trained as one row per trajectory (training_records)
     full_history  turn t: (question, shards 1..t-1, shard t) -> a note that is NOT carried forward
-                  final: (question, shards 1..T) -> answer
+                  final: (question, shards 1..T) -> answer: the paper's full-history EVALUATION condition (§4),
+                  not a training condition (the notes are never read, so nothing would credit them)
     single_turn   one turn: (question, the whole problem) -> answer
 
 Invariants:
@@ -10,6 +14,9 @@ Invariants:
   shards take their final turn in the same call as the others' memory turns). Trajectories of one problem whose
   prompts are identical (all G at the first memory turn, all G at every full-history turn) are one request with n
   samples: one prefill, the KV cache forked.
+- Conversation turns continue from the conversation's retained K/V (kv_reuse, memrl/kv_retain.py): each call
+  prefills only the previous reply's last token and the new user message; the retained K/V of every
+  trajectory is freed when its conversation ends (or the rollout raises).
 - The memory is what the model wrote: the response decoded without its stop token, surrounding whitespace stripped.
   A memory turn may generate at most `memory_cap_tokens` tokens (the cap IS the generation limit, paper A.1); a
   memory cut by the cap is reused as is. m_0 is Templates.initial_memory ("No previous memory.").
@@ -45,13 +52,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memrl.algo import TurnRecord
+from memrl.conversation import ConversationTurns, conversation_rows
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
 from memrl.length_profile import length_limit
 from memrl.templates import PROBLEM_SEPARATOR, Templates
 from memrl.tokenizer import Tokenizer
 
-CONDITIONS = ("single_turn", "full_history", "memory")  # the order of the tables: whole problem -> sharded
+# the order of the tables: whole problem -> sharded. full_history: the paper's evaluation condition (shards in the
+# prompt); conversation: the real multi-turn chat the full-history baseline trains on
+CONDITIONS = ("single_turn", "full_history", "conversation", "memory")
 
 
 def derive_seed(*parts) -> int:
@@ -99,6 +109,12 @@ class RolloutResult:
     trajectories: list[Trajectory]
     records: list[TurnRecord]  # turn-major: every trajectory's turn 0, then turn 1, ...
     generate_stats: list[dict] = field(default_factory=list)  # Generator.last_stats of each generate() call
+    condition: str = ""
+
+    def training_records(self) -> list[TurnRecord]:
+        """What the trainer packs: the turn records, except under `conversation`: one row per trajectory holding
+        the whole chat, its loss on every assistant reply (memrl.conversation.conversation_row)."""
+        return conversation_rows(self.records) if self.condition == "conversation" else self.records
 
     def select(self, keep: Sequence[bool]) -> "RolloutResult":
         """Only the trajectories with keep[i] (e.g. dynamic sampling), ids renumbered densely in order."""
@@ -109,6 +125,9 @@ class RolloutResult:
 def concat(results: Sequence[RolloutResult], keep: Sequence[Sequence[bool]] | None = None) -> RolloutResult:
     """Several rollouts as one batch: trajectory ids and group ids renumbered densely (groups stay groups)."""
     trajs, records, stats = [], [], []
+    conditions = {res.condition for res in results}
+    # a conversation's turn records merge into one training row each: never mixed with other conditions' records
+    assert "conversation" not in conditions or len(conditions) == 1, f"conversation mixed with {conditions}"
     for r_i, res in enumerate(results):
         kept = [t for i, t in enumerate(res.trajectories) if keep is None or keep[r_i][i]]
         traj_map = {t.trajectory_id: len(trajs) + k for k, t in enumerate(kept)}
@@ -121,10 +140,10 @@ def concat(results: Sequence[RolloutResult], keep: Sequence[Sequence[bool]] | No
             if rec.trajectory_id in traj_map:
                 records.append(TurnRecord(rec.prompt_ids, rec.response_ids, rec.logprobs,
                                           traj_map[rec.trajectory_id], group_map[rec.group_id], rec.turn_index,
-                                          rec.kind, rec.finish_reason))
+                                          rec.kind, rec.finish_reason, rec.response_spans))
         stats += res.generate_stats
     records.sort(key=lambda r: r.turn_index)  # stable: turn-major, trajectory order within a turn
-    return RolloutResult(trajs, records, stats)
+    return RolloutResult(trajs, records, stats, conditions.pop() if len(conditions) == 1 else "")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -165,12 +184,14 @@ def rollout(
     seed: int = 0,
     step: int = 0,
     full_history_notes: bool = True,
+    kv_reuse: bool = True,
 ) -> RolloutResult:
     """len(episodes) x group_size trajectories under `condition`.
 
     full_history_notes: generate the intermediate full-history turns (their notes are not carried forward, so they
-    do not change the answer: evaluation may skip them; training a full-history policy keeps them, as the paper's
-    baseline answers every turn).
+    do not change the answer: evaluation skips them).
+    kv_reuse: conversation turns continue from the conversation's retained K/V (False: every turn prefills the
+    whole chat again; the tests and the benchmark compare the two).
     """
     assert condition in CONDITIONS, f"condition must be one of {CONDITIONS}, got {condition!r}"
     assert group_size >= 1 and len(episodes) >= 1
@@ -179,6 +200,10 @@ def rollout(
     records: list[TurnRecord] = []
     stats: list[dict] = []
     stop_ids = frozenset() if sampling.ignore_eos else frozenset(tokenizer.stop_ids)
+    chats = None
+    if condition == "conversation":
+        window = getattr(generator, "window", None) or generator.cfg.max_position_embeddings
+        chats = ConversationTurns(tokenizer, templates, window, kv_reuse)
 
     def budget(kind: str) -> int:  # of the reply; reasoning may take thinking_budget_tokens more
         return sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
@@ -192,56 +217,76 @@ def rollout(
                               greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
 
     n_turns = 1 if condition == "single_turn" else 1 + max(len(ep.shards) for ep in episodes)
-    for turn in range(n_turns):
-        # (trajectory, kind, prompt text) for every trajectory alive at this turn
-        work: list[tuple[Trajectory, str, str]] = []
-        for tr in trajs:
-            ep, k = tr.episode, len(tr.episode.shards)
-            if condition == "single_turn":
-                work.append((tr, "final", templates.single_turn_prompt(ep.question, problem_text(ep))))
-            elif turn < k and condition == "memory":
-                work.append((tr, "memory", templates.memory_turn(ep.question, memory[tr.trajectory_id],
-                                                                 ep.shards[turn])))
-            elif turn < k and full_history_notes:  # full_history
-                work.append((tr, "memory", templates.memory_turn(ep.question, templates.history(ep.shards[:turn]),
-                                                                 ep.shards[turn])))
-            elif turn == k:
-                held = memory[tr.trajectory_id] if condition == "memory" else templates.history(ep.shards)
-                work.append((tr, "final", templates.final_turn(ep.question, held)))
-        if not work:
-            continue
-        # one request per distinct prompt within a problem: n = how many of its samples share it
-        requests: dict[tuple[int, str], list[tuple[Trajectory, str]]] = {}
-        for tr, kind, text in work:
-            requests.setdefault((tr.group_id, text), []).append((tr, kind))
-        prompts, plist, members = [], [], []
-        for (group_id, text), trs in requests.items():
-            first = trs[0][0]
-            prompts.append(tokenizer.encode_prompt(text))
-            plist.append(params(trs[0][1], len(trs), derive_seed(seed, step, first.episode.id, turn,
-                                                                 first.sample_index)))
-            members.append(trs)
-        completions = generator.generate(prompts, plist)
-        stats.append(dict(generator.last_stats))
-        for c in completions:  # ordered by (prompt_index, sample_index)
-            tr, kind = members[c.prompt_index][c.sample_index]
-            prompt, ids, logprobs, finish = prompts[c.prompt_index], list(c.token_ids), c.logprobs, c.finish_reason
-            start = reply_start(tokenizer, prompt, ids)
-            # only the reasoning allowance lets a reply outgrow its budget (short reasoning, long reply): cut it there
-            if sampling.thinking_budget_tokens and start is not None and len(ids) - start > budget(kind):
-                ids, logprobs, finish = ids[:start + budget(kind)], logprobs[:start + budget(kind)], "length"
-            text = decode_response(tokenizer, ids, prompt)
-            records.append(TurnRecord(prompt_ids=prompt, response_ids=ids, logprobs=[float(x) for x in logprobs],
-                                      trajectory_id=tr.trajectory_id, group_id=tr.group_id, turn_index=turn,
-                                      kind=kind, finish_reason=finish))
-            if kind == "memory":
-                tr.memories.append(text)
-                if condition == "memory":
-                    memory[tr.trajectory_id] = text
-            else:
-                tr.final_text, tr.final_finish_reason = text, finish
+    slot_len = chats.slot_len(episodes, sampling.memory_cap_tokens, sampling.response_max_tokens) if chats else 0
+    try:
+        for turn in range(n_turns):
+            # (trajectory, kind, prompt) for every trajectory alive at this turn: the text, or (conversation) ids
+            work: list[tuple[Trajectory, str, str | list[int]]] = []
+            for tr in trajs:
+                ep, k = tr.episode, len(tr.episode.shards)
+                if condition == "single_turn":
+                    work.append((tr, "final", templates.single_turn_prompt(ep.question, problem_text(ep))))
+                elif condition == "conversation":
+                    if turn <= k:
+                        work.append((tr, "memory" if turn < k else "final", chats.prompt_ids(tr, turn)))
+                elif turn < k and condition == "memory":
+                    work.append((tr, "memory", templates.memory_turn(ep.question, memory[tr.trajectory_id],
+                                                                     ep.shards[turn])))
+                elif turn < k and full_history_notes:  # full_history
+                    seen = templates.history(ep.shards[:turn])
+                    work.append((tr, "memory", templates.memory_turn(ep.question, seen, ep.shards[turn])))
+                elif turn == k:
+                    held = memory[tr.trajectory_id] if condition == "memory" else templates.history(ep.shards)
+                    work.append((tr, "final", templates.final_turn(ep.question, held)))
+            if not work:
+                continue
+            # one request per distinct prompt within a problem: n = how many of its samples share it (a conversation
+            # that continues retained K/V is a request of its own)
+            requests: dict[tuple, list[tuple[Trajectory, str]]] = {}
+            for tr, kind, prompt in work:
+                key = (tr.group_id, prompt) if chats is None else (tr.group_id, chats.extends(tr), tuple(prompt))
+                requests.setdefault(key, []).append((tr, kind))
+            prompts, plist, members = [], [], []
+            for key, trs in requests.items():
+                first = trs[0][0]
+                prompts.append(tokenizer.encode_prompt(key[1]) if chats is None else list(key[2]))
+                plist.append(params(trs[0][1], len(trs), derive_seed(seed, step, first.episode.id, turn,
+                                                                     first.sample_index)))
+                members.append(trs)
+            kw = {}
+            if chats is not None:  # KV continuation: retain every reply a next turn extends; a fixed slot layout
+                reuse = chats.kv_reuse
+                kw = dict(retain=[reuse and trs[0][1] == "memory" for trs in members],
+                          extend=[chats.extends(trs[0][0]) if reuse else None for trs in members],
+                          min_slot_len=slot_len)
+            completions = generator.generate(prompts, plist, **kw)
+            stats.append(dict(generator.last_stats))
+            for c in completions:  # ordered by (prompt_index, sample_index)
+                tr, kind = members[c.prompt_index][c.sample_index]
+                prompt, ids, logprobs, finish = prompts[c.prompt_index], list(c.token_ids), c.logprobs, c.finish_reason
+                start = reply_start(tokenizer, prompt, ids)
+                # only the reasoning allowance lets a reply outgrow its budget (short reasoning, long reply): cut it
+                # there. Never in a conversation: its next prompt extends exactly the generated (and retained) ids
+                if (chats is None and sampling.thinking_budget_tokens and start is not None
+                        and len(ids) - start > budget(kind)):
+                    ids, logprobs, finish = ids[:start + budget(kind)], logprobs[:start + budget(kind)], "length"
+                text = decode_response(tokenizer, ids, prompt)
+                records.append(TurnRecord(prompt_ids=prompt, response_ids=ids, logprobs=[float(x) for x in logprobs],
+                                          trajectory_id=tr.trajectory_id, group_id=tr.group_id, turn_index=turn,
+                                          kind=kind, finish_reason=finish))
+                if chats is not None:
+                    chats.record(tr, turn, prompts[c.prompt_index], c)
+                if kind == "memory":
+                    tr.memories.append(text)
+                    if condition == "memory":
+                        memory[tr.trajectory_id] = text
+                else:
+                    tr.final_text, tr.final_finish_reason = text, finish
+    finally:  # the retained K/V of conversations that ended early, or of all of them if a turn raised
+        if chats is not None:
+            chats.free(generator)
     records.sort(key=lambda r: (r.turn_index, r.trajectory_id))
-    return RolloutResult(trajs, records, stats)
+    return RolloutResult(trajs, records, stats, condition)
 
 
 def reply_start(tokenizer: Tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> int | None:

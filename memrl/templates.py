@@ -15,6 +15,11 @@ Two sets of final / single-turn templates:
   greedy): single-turn 0.051 -> 0.258, full-history 0.035 -> 0.219 with this ending. The memory template stays
   Figure 4's in both sets.
 
+The `conversation` condition (memrl/conversation.py) sends each shard, then the final instruction, as user messages
+of one chat; its two templates are the memory and final templates without the memory line (derived below), so the
+memory and conversation conditions ask the same thing each turn and differ only in what the model sees: its own
+memory, or the whole chat.
+
 The templates are plain strings (config fields, overridable with --rollout.memory_template=...). The filled text is
 one user message: memrl.tokenizer.Tokenizer.encode_prompt wraps it in the model's chat template (instruct models) or
 uses it raw (base models).
@@ -46,6 +51,18 @@ HISTORY_SEPARATOR = "\n"  # full-history: the shards seen so far, one per line, 
 PROBLEM_SEPARATOR = " "  # single-turn without metadata.problem: the shards joined back into one text
 
 _PLACEHOLDER = re.compile(r"\{(question|memory|segment|problem)\}")
+_MEMORY_LINE = "<memory> {memory} </memory>\n"
+
+
+def without_memory_line(template: str) -> str:
+    """A memory / final template minus its memory line: the conversation condition's user messages."""
+    assert template.count(_MEMORY_LINE) == 1, f"template has no single {_MEMORY_LINE!r} line: {template!r}"
+    return template.replace(_MEMORY_LINE, "")
+
+
+# conversation condition: the same instructions as the memory and final turns, the chat holds what memory held
+CONVERSATION_SHARD_TEMPLATE = without_memory_line(MEMORY_TEMPLATE)
+CONVERSATION_FINAL_TEMPLATE = without_memory_line(FINAL_TEMPLATE)
 
 
 def fill(template: str, **values: str) -> str:
@@ -65,18 +82,26 @@ class Templates:
     final: str = FINAL_TEMPLATE
     single_turn: str = SINGLE_TURN_TEMPLATE
     initial_memory: str = INITIAL_MEMORY
+    conversation_shard: str = CONVERSATION_SHARD_TEMPLATE
+    conversation_final: str = CONVERSATION_FINAL_TEMPLATE
 
     def __post_init__(self):
         for name, keys in (("memory", ("question", "memory", "segment")), ("final", ("question", "memory")),
-                           ("single_turn", ("question", "problem"))):
+                           ("single_turn", ("question", "problem")), ("conversation_shard", ("question", "segment")),
+                           ("conversation_final", ("question",))):
             missing = [k for k in keys if "{" + k + "}" not in getattr(self, name)]
             assert not missing, f"{name} template lacks the placeholder(s) {missing}: {getattr(self, name)!r}"
+        for name in ("conversation_shard", "conversation_final"):
+            assert "{memory}" not in getattr(self, name), f"{name} template has no memory to fill: the chat holds it"
 
     @classmethod
     def from_config(cls, rollout_cfg) -> "Templates":
-        """From memrl.config.RolloutCfg (memory_template, final_template, single_turn_template, initial_memory)."""
+        """From memrl.config.RolloutCfg (memory_template, final_template, single_turn_template, initial_memory,
+        conversation_shard_template, conversation_final_template)."""
         return cls(memory=rollout_cfg.memory_template, final=rollout_cfg.final_template,
-                   single_turn=rollout_cfg.single_turn_template, initial_memory=rollout_cfg.initial_memory)
+                   single_turn=rollout_cfg.single_turn_template, initial_memory=rollout_cfg.initial_memory,
+                   conversation_shard=rollout_cfg.conversation_shard_template,
+                   conversation_final=rollout_cfg.conversation_final_template)
 
     def memory_turn(self, question: str, memory: str, segment: str) -> str:
         return fill(self.memory, question=question, memory=memory, segment=segment)
@@ -86,6 +111,12 @@ class Templates:
 
     def single_turn_prompt(self, question: str, problem: str) -> str:
         return fill(self.single_turn, question=question, problem=problem)
+
+    def conversation_shard_turn(self, question: str, segment: str) -> str:
+        return fill(self.conversation_shard, question=question, segment=segment)
+
+    def conversation_final_turn(self, question: str) -> str:
+        return fill(self.conversation_final, question=question)
 
     def history(self, shards: list[str]) -> str:
         """What fills {memory} in a full-history turn: the shards so far, or m_0 before the first one."""

@@ -131,6 +131,25 @@ def test_turn_record_invariants():
         TurnRecord([], [2], [-0.1], 0, 0, 0, "final")  # no prompt token to predict the first response token
     with pytest.raises(AssertionError):
         TurnRecord([1], [2], [-0.1], 0, 0, 0, "answer")
+    for spans in ([], [(0, 2), (1, 3)], [(2, 1)], [(0, 5)], [(1, 1)]):  # empty, overlapping, reversed, out, empty span
+        with pytest.raises(AssertionError):
+            TurnRecord([1], [2, 3, 4, 5], [-0.1] * 2, 0, 0, 0, "conversation", response_spans=spans)
+
+
+def test_conversation_row_masks_exactly_the_replies():
+    """One record holding a whole chat: the loss rows are the replies' tokens, the user messages between are not."""
+    # first prompt [1, 2, 3]; then reply 0 = [10, 11], user message = [20, 21, 22], reply 1 = [12, 13, 14]
+    row = TurnRecord([1, 2, 3], [10, 11, 20, 21, 22, 12, 13, 14], [-0.1, -0.2, -0.3, -0.4, -0.5], trajectory_id=1,
+                     group_id=0, turn_index=1, kind="conversation", response_spans=[(0, 2), (5, 8)])
+    plain = TurnRecord([7, 8], [9], [-0.9], trajectory_id=0, group_id=0, turn_index=0, kind="final")
+    assert row.num_response_tokens == 5 and count_response_tokens([plain, row]) == 6
+    b = pack_turns([plain, row], torch.tensor([0.5, -1.5]), max_tokens=100)[0]
+    # rows: plain 2 (7->8, 8->9); row 10 (1->2, 2->3, 3->10, 10->11, 11->20, 20->21, 21->22, 22->12, 12->13, 13->14)
+    assert b.response_mask.tolist() == [False, True] + [False, False, True, True, False, False, False, True, True, True]
+    assert b.targets[b.response_rows].tolist() == [9, 10, 11, 12, 13, 14]  # every reply token, nothing else
+    assert b.advantages.tolist() == [0.5] + [-1.5] * 5
+    assert torch.equal(b.rollout_logprobs, torch.tensor([-0.9, -0.1, -0.2, -0.3, -0.4, -0.5]))
+    assert b.response_record.tolist() == [0, 1, 1, 1, 1, 1]
 
 
 # ----------------------------------------------------------------------------- loss (through kernels.ppo_loss)
@@ -327,3 +346,56 @@ def test_response_logprobs_of_packed_batch_match_unpacked_forward():
                 expected_ent.append(-(lsm[P - 1 + j].exp() * lsm[P - 1 + j]).sum().item())
         torch.testing.assert_close(logp.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=2e-5)
         torch.testing.assert_close(ent.double(), torch.tensor(expected_ent, dtype=torch.float64), rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- mini-batches and rollout correction
+
+def test_mini_batches_split_by_problem_shuffled_and_rank_invariant():
+    from memrl.minibatch import split_by_problem
+
+    records = _records(seed=4, n_groups=8, group_size=2)  # 8 problems, 2 samples each, several turns
+    problem = [r.group_id for r in records]
+    parts = split_by_problem(records, problem, batch_size=8, mini_batches=4, seed=3, step=5)
+    assert sorted(id(r) for p in parts for r in p) == sorted(id(r) for r in records)  # every record once
+    groups = [{r.group_id for r in p} for p in parts]
+    assert all(len(g) == 2 for g in groups) and len(set().union(*groups)) == 8  # 2 whole problems each
+    assert [sorted(g) for g in groups] != [[0, 1], [2, 3], [4, 5], [6, 7]]  # shuffled, not in batch order
+    for p in parts:  # problem, then trajectory, then turn: a trajectory's turns together, not turn-major
+        ids = [r.trajectory_id for r in p]
+        assert ids == sorted(ids, key=list(dict.fromkeys(ids)).index)
+        for t in set(ids):
+            turns = [r.turn_index for r in p if r.trajectory_id == t]
+            assert turns == sorted(turns)
+    again = split_by_problem(records, problem, 8, 4, seed=3, step=5)
+    assert [[id(r) for r in p] for p in again] == [[id(r) for r in p] for p in parts]  # a function of (seed, step)
+    other = split_by_problem(records, problem, 8, 4, seed=3, step=6)
+    assert [{r.group_id for r in p} for p in other] != groups
+    # two ranks, 4 problems each (global index = rank * 4 + local group): the same global split as one process
+    for rank in range(2):
+        mine = [r for r in records if r.group_id // 4 == rank]
+        local = [TurnRecord(r.prompt_ids, r.response_ids, r.logprobs, r.trajectory_id, r.group_id % 4, r.turn_index,
+                            r.kind) for r in mine]
+        split = split_by_problem(local, [rank * 4 + r.group_id for r in local], 8, 4, seed=3, step=5)
+        assert [{rank * 4 + r.group_id for r in p} for p in split] == [g & set(range(rank * 4, rank * 4 + 4))
+                                                                       for g in groups]
+
+
+def test_rollout_correction_hand_computed():
+    from memrl.rollout_correction import mismatch_metrics, rollout_correction
+
+    # two sequences: tokens 0-2 (d = 0.1, -0.1, 0.3) and token 3 (d = -0.5); C = 1.2, bounds [0.9, 1.1]
+    train = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    rollout = torch.tensor([-1.1, -1.9, -0.8, -2.5])
+    record = torch.tensor([0, 0, 0, 1])
+    c = rollout_correction(train, rollout, record, 2, tis_cap=1.2, seq_mask=True, seq_low=0.9, seq_high=1.1)
+    d = [0.1, -0.1, 0.3, -0.5]
+    torch.testing.assert_close(c.pg_weight, torch.tensor([min(math.exp(x), 1.2) for x in d]), rtol=1e-6, atol=0)
+    # geometric means: exp(0.3 / 3) = 1.105 (> 1.1: masked), exp(-0.5) = 0.607 (< 0.9: masked)
+    assert c.keep.tolist() == [False, False, False, False] and c.num_tokens == 0
+    c = rollout_correction(train, rollout, record, 2, seq_mask=True, seq_low=0.5, seq_high=1.2)
+    assert c.pg_weight is None and c.keep.tolist() == [True, True, True, True]
+    m = mismatch_metrics({k: float(v) for k, v in c.sums.items()}, tis=False)
+    assert m["logp_gap"] == pytest.approx(sum(abs(x) for x in d) / 4, rel=1e-6)
+    assert m["mismatch/k3"] == pytest.approx(sum(math.exp(x) - x - 1 for x in d) / 4, rel=1e-5)
+    assert m["mismatch/seq_ratio"] == pytest.approx((math.exp(0.1) + math.exp(-0.5)) / 2, rel=1e-6)
+    assert m["mismatch/seq_masked_frac"] == 0.0 and "mismatch/tis_weight" not in m

@@ -17,6 +17,8 @@ def test_paper_presets_hold_the_papers_numbers():
                                                                                                  0.001, "k3")
     assert (c.data.max_shards, c.data.max_shard_tokens) == (35, 1024)
     assert c.algo.advantage == "drgrpo"
+    assert c.algo.mini_batches == 16 and preset("paper-4b").algo.mini_batches == 16  # MemAgent's 16 per RL step
+    assert c.algo.tis_cap == 0 and not c.algo.seq_mask  # rollout correction off by default
     d = preset("paper-4b")
     assert "Qwen3-4B-Thinking" in d.model.path and d.rollout.response_max_tokens == 1024
     assert d.rollout.memory_cap_tokens == 256 and d.train.batch_size == 64
@@ -51,6 +53,10 @@ def test_overrides_dotted_flat_and_flags():
     (["--algo.nope=1"], "--algo.nope: unknown config key"),
     (["--algo.clip_c=0.5"], "--algo.clip_c: algo.clip_c must be > 1"),
     (["--rollout.condition=chat"], "--rollout.condition"),
+    (["--rollout.condition=full_history"], "full_history is the paper's evaluation condition"),
+    (["--algo.updates_per_rollout=4"], "replaced by algo.mini_batches"),
+    (["--algo.mini_batches=65"], "exceeds train.batch_size"),
+    (["--algo.tis_cap=0.5"], "algo.tis_cap must be 0 (off) or >= 1"),
     (["--group_size"], "needs a value"),
     (["--optim.betas=0.9"], "--optim.betas: expected comma-separated float,float"),
     (["--preset=huge"], "unknown preset 'huge'"),

@@ -31,7 +31,7 @@ TIMING = ("_s", "_per_s")  # wall-clock fields differ between runs; everything e
 ARGS = ["--train.batch_size=4", "--rollout.group_size=4", "--rollout.memory_cap_tokens=16",
         "--rollout.response_max_tokens=12", "--data.eval_limit=4", "--train.eval_every=1", "--train.save_every=1",
         "--algo.kl_coef=0.01", "--train.micro_batch_tokens=1024", "--train.keep_last=3", "--data.shuffle=false",
-        "--optim.adam_eps=1e-5"]
+        "--optim.adam_eps=1e-5", "--algo.mini_batches=2"]  # per mini-batch, a rank may hold 0, 1 or 2 problems
 
 pytestmark = pytest.mark.skipif(not (POLICY / "config.json").is_file(), reason="assets/synthetic-policy not built")
 

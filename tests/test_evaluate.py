@@ -22,10 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 class ScriptedGenerator:
     """Answers every final turn with a fixed text per question; memory turns write "noted"."""
 
+    window = 10**6  # the conversation condition checks a chat against the window
+
     def __init__(self, tokenizer, answers: dict[str, str]):
         self.tok, self.answers, self.last_stats = tokenizer, answers, {}
 
-    def generate(self, prompts, params):
+    def free(self, handles):  # the conversation condition frees retained K/V (none here)
+        pass
+
+    def generate(self, prompts, params, **continuation):
         out = []
         for i, (ids, p) in enumerate(zip(prompts, params)):
             text = self.tok.decode(ids)
@@ -47,9 +52,9 @@ def test_accuracy_and_lic_drop_against_a_scripted_policy(tmp_path):
     for c in CONDITIONS:
         assert acc[c]["accuracy"] == 0.75 and acc[c]["n"] == 4
     acc["memory"]["accuracy"] = 0.25
-    assert evaluate.lic_drop(acc) == {"full_history": 0.0, "memory": 0.5}
+    assert evaluate.lic_drop(acc) == {"full_history": 0.0, "conversation": 0.0, "memory": 0.5}
     table = evaluate.markdown_table({"ckpt": {"conditions": acc, "lic_drop": evaluate.lic_drop(acc)}})
-    assert "| ckpt | 0.750 | 0.750 | 0.250 | +0.000 | +0.500 |" in table
+    assert "| ckpt | 0.750 | 0.750 | 0.750 | 0.250 | +0.000 | +0.000 | +0.500 |" in table
 
 
 def test_cli_end_to_end_on_a_tiny_model(tmp_path):
@@ -60,11 +65,12 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     env = dict(os.environ, MEMRL_KERNELS="torch")
     proc = subprocess.run(
         [sys.executable, "evaluate.py", f"--checkpoint={ckpt}", f"--checkpoint={ckpt}", f"--data.eval_path={data}",
-         "--rollout.memory_cap_tokens=4", "--rollout.response_max_tokens=4", f"--out={out}", f"--bar={bar}"],
+         "--rollout.memory_cap_tokens=4", "--rollout.response_max_tokens=4", f"--out={out}", f"--bar={bar}",
+         f"--conditions={','.join(CONDITIONS)}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "| checkpoint | single_turn | full_history | memory | LiC drop (full_history) | LiC drop (memory) |" \
-        in proc.stdout
+    assert ("| checkpoint | single_turn | full_history | conversation | memory | LiC drop (full_history) | "
+            "LiC drop (conversation) | LiC drop (memory) |") in proc.stdout
     res = json.loads(out.read_text())
     (r,) = res["results"]["eps"].values()  # the same checkpoint twice is one entry
     assert set(r["conditions"]) == set(CONDITIONS) and all(a["n"] == 3 for a in r["conditions"].values())

@@ -27,8 +27,9 @@ from memrl.config import parse_cli
 from memrl.episodes import load_episodes
 from memrl.generate import Completion
 from memrl.reward import score
-from memrl.rollout import CONDITIONS
 from tests.tiny import make_tiny_checkpoint
+
+CONDITIONS = evaluate.DEFAULT_CONDITIONS  # the paper's three, evaluate.py's default
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -91,13 +91,16 @@ def test_kl_estimators_by_hand(backend, kl_type, loss_expected, dlogp_expected):
 
 
 # ----------------------------------------------------------------------------- random inputs vs float64
-def naive_reference(logp, old, ref, adv, mask, num_tokens, eps_low, eps_high, clip_c, kl_coef, kl_type):
-    """DESIGN.md §5 token by token in Python floats (float64); returns loss, metrics, dlogp."""
+def naive_reference(logp, old, ref, adv, mask, num_tokens, eps_low, eps_high, clip_c, kl_coef, kl_type,
+                    pg_weight=None):
+    """DESIGN.md §5 token by token in Python floats (float64); returns loss, metrics, dlogp. pg_weight: the rollout
+    correction's per-token weight w on the policy-gradient term (loss m·(w·pg + β·kl))."""
     clamp = (lambda x: min(max(x, -20.0), 20.0))
     denom = num_tokens if num_tokens != 0 else 1.0
     total = {"loss": 0.0, **{k: 0.0 for k in METRICS}}
     dlogp = []
-    for lp, o, r, a, m in zip(logp, old, ref, adv, mask):
+    weights = pg_weight if pg_weight is not None else [1.0] * len(logp)
+    for lp, o, r, a, m, w in zip(logp, old, ref, adv, mask, weights):
         if m == 0:
             dlogp.append(0.0)
             continue
@@ -114,12 +117,12 @@ def naive_reference(logp, old, ref, adv, mask, num_tokens, eps_low, eps_high, cl
         k = clamp(raw_k)
         kl, dkl = {"k1": (-k, 1.0), "k2": (0.5 * k * k, -k), "k3": (math.exp(k) - k - 1, 1 - math.exp(k))}[kl_type]
         dkl = dkl if -20 <= raw_k <= 20 else 0.0
-        total["loss"] += m * (pg + kl_coef * kl)
+        total["loss"] += m * (w * pg + kl_coef * kl)
         total["pg_clipfrac"] += m * (pg2 > pg1)
         total["pg_clipfrac_lower"] += m * dual
         total["ppo_kl"] += m * -d
         total["kl"] += m * kl
-        dlogp.append(m * (grad_pg + kl_coef * dkl) / denom)
+        dlogp.append(m * (w * grad_pg + kl_coef * dkl) / denom)
     return {k: v / denom for k, v in total.items()}, torch.tensor(dlogp, dtype=torch.float64)
 
 
@@ -153,6 +156,28 @@ def test_matches_naive_float64_loop(backend, kl_type, float_mask):
     for k in METRICS:
         assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-6), k
     torch.testing.assert_close(dlogp.double(), ref_dlogp, rtol=1e-5, atol=1e-7)
+
+
+def test_pg_weight_matches_naive_float64_loop(backend):
+    """The rollout-correction weight w multiplies the pg term only (not the KL, not the clip counts)."""
+    logp, old, ref, adv, mask = random_inputs(900, seed=8)
+    g = torch.Generator().manual_seed(8)
+    weight = (torch.rand(900, generator=g) * 2.5).clamp(max=2.0)  # a truncated IS weight in [0, C = 2]
+    weight[~mask] = float("nan")  # a masked token's weight is never read
+    num_tokens = float(mask.sum()) + 5.0
+    kw = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.05, kl_type="k3")
+    loss, metrics, dlogp = run(logp, old, ref, adv, mask, torch.tensor(num_tokens), pg_weight=weight, **kw)
+    ref_metrics, ref_dlogp = naive_reference(logp.double().tolist(), old.double().tolist(), ref.double().tolist(),
+                                             adv.double().tolist(), mask.double().tolist(), num_tokens, **kw,
+                                             pg_weight=weight.double().tolist())
+    assert loss == pytest.approx(ref_metrics["loss"], rel=1e-5, abs=1e-6)
+    for k in METRICS:
+        assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-6), k
+    torch.testing.assert_close(dlogp.double(), ref_dlogp, rtol=1e-5, atol=1e-7)
+    unweighted = run(logp, old, ref, adv, mask, torch.tensor(num_tokens), **kw)
+    assert unweighted[0] != pytest.approx(loss, rel=1e-3)  # the weight did change the loss
+    ones = run(logp, old, ref, adv, mask, torch.tensor(num_tokens), pg_weight=torch.ones(900), **kw)
+    assert ones[0] == unweighted[0] and ones[1] == unweighted[1] and torch.equal(ones[2], unweighted[2])
 
 
 @pytest.mark.parametrize("with_old, with_ref", [(True, True), (False, True), (True, False)])
