@@ -93,11 +93,13 @@ def sync() -> None:
 policy_path = resolve_checkpoint(resolve_policy(cfg.model.path))  # "" = assets/synthetic-policy
 policy = load_model(policy_path, dtype=torch.float32 if fsdp else dtype, device=device)  # fp32 masters under FSDP
 policy.gradient_checkpointing = cfg.model.gradient_checkpointing
+policy.attention = cfg.model.attention  # how packed micro-batches attend (memrl/attention.py)
 tokenizer = Tokenizer.from_pretrained(policy_path)
 ref = None
 if cfg.algo.kl_coef > 0:  # the frozen reference: the starting weights unless model.ref_path says otherwise
     ref = load_model(resolve_policy(cfg.model.ref_path) if cfg.model.ref_path else policy_path, dtype=dtype,
                      device=device).eval().requires_grad_(False)
+    ref.attention = cfg.model.attention
 if fsdp:  # FSDP2 from outside the model: fp32 shards (masters), `dtype` compute copy, fp32 gradient reduction
     shard_model(policy, dtype if dtype != torch.float32 else None)
     if ref is not None:

@@ -77,10 +77,10 @@ _PRE_BLOCK = 64  # rows per program of the delta preprocess
 LAUNCHES: Counter = Counter()  # kernel name -> launches since the last clear(); read by tests and the benchmark
 
 
-def _configs(q: torch.Tensor) -> tuple[dict, dict]:
-    if not q.is_cuda:
+def _configs(on_cuda: bool, head_dim: int) -> tuple[dict, dict]:
+    if not on_cuda:
         return dict(_CPU_FWD), dict(_CPU_BWD)
-    d = 64 if q.shape[-1] <= 64 else 128
+    d = 64 if head_dim <= 64 else 128
     return dict(_GPU_FWD[d]), dict(_GPU_BWD[d])
 
 
@@ -354,18 +354,19 @@ class _VarlenAttention(torch.autograd.Function):
 
 
 class VarlenTiles:
-    """The tile maps of one packed row for the forward and backward tile sizes; build once, share across layers."""
+    """The tile maps of one packed row (T tokens) for the forward and backward tile sizes of this device and head
+    size; build once per micro-batch, share across layers."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, total: int, like: torch.Tensor):
-        fwd, bwd = _configs(like)
-        self.fwd_cfg, self.bwd_cfg = fwd, bwd
+    def __init__(self, cu_seqlens: torch.Tensor, total: int, head_dim: int):
+        fwd, bwd = _configs(cu_seqlens.is_cuda, head_dim)
+        self.fwd_cfg, self.bwd_cfg, self.head_dim = fwd, bwd, head_dim
         self.fwd = varlen_tiles(cu_seqlens, total, fwd["TILE"])
         self.bwd = self.fwd if bwd["TILE"] == fwd["TILE"] else varlen_tiles(cu_seqlens, total, bwd["TILE"])
 
 
 def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                             scale: float | None = None, tiles: VarlenTiles | None = None) -> torch.Tensor:
-    """The Triton path (CUDA, or CPU tensors under TRITON_INTERPRET=1). `tiles`: VarlenTiles(cu_seqlens, T, q),
+    """The Triton path (CUDA, or CPU tensors under TRITON_INTERPRET=1). `tiles`: VarlenTiles(cu_seqlens, T, D),
     built here when not given."""
     _check(q, k, v, cu_seqlens)
     assert q.dtype != torch.float64, "the Triton path takes bf16 / fp16 / fp32; float64 is the reference's"
@@ -373,7 +374,8 @@ def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     cu = cu_seqlens.to(torch.int32)
     if tiles is None:
-        tiles = VarlenTiles(cu, q.shape[0], q)
+        tiles = VarlenTiles(cu, q.shape[0], q.shape[-1])
+    assert tiles.head_dim == q.shape[-1] and tiles.fwd.device == q.device, "tiles built for another head size/device"
     return _VarlenAttention.apply(q, k, v, cu, tiles.fwd, tiles.bwd, scale, tiles.fwd_cfg, tiles.bwd_cfg)
 
 

@@ -182,6 +182,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # [1, T] long
     positions: torch.Tensor  # [1, T] long, restarting at 0 for each record
     seq_ids: torch.Tensor  # [1, T] long, 0..k-1: tokens attend only within their record (causal)
+    seq_lengths: list[int]  # [k] rows of each record, on the host: the attention layout without a device sync
     targets: torch.Tensor  # [T] long: the next token of every row
     response_mask: torch.Tensor  # [T] bool: True on rows whose target is a response token
     response_rows: torch.Tensor  # [N] long: nonzero(response_mask), the rows that enter the lm_head
@@ -236,6 +237,7 @@ def _pack(recs: list[TurnRecord], idx: list[int], traj_advantages: torch.Tensor)
         input_ids=torch.tensor(ids, dtype=torch.long)[None],
         positions=torch.tensor(pos, dtype=torch.long)[None],
         seq_ids=torch.tensor(seq, dtype=torch.long)[None],
+        seq_lengths=[len(r.prompt_ids) + len(r.response_ids) - 1 for r in recs],
         targets=torch.tensor(tgt, dtype=torch.long),
         response_mask=response_mask,
         response_rows=response_mask.nonzero().squeeze(1),
@@ -260,7 +262,8 @@ def response_logprobs(model, batch: PackedBatch, temperature: float = 1.0, valid
     only, fused with the log-softmax (kernels A'): prompt rows never produce logits."""
     from kernels import linear_token_logprobs
 
-    hidden = model(batch.input_ids, positions=batch.positions, seq_ids=batch.seq_ids, return_hidden=True)  # [1,T,H]
+    hidden = model(batch.input_ids, positions=batch.positions, seq_ids=batch.seq_ids, seq_lengths=batch.seq_lengths,
+                   return_hidden=True)  # [1, T, H]
     h = hidden[0].index_select(0, batch.response_rows)  # [N, H]
     targets = batch.targets.index_select(0, batch.response_rows)  # [N]
     return linear_token_logprobs(h, model.output_weight(), targets, temperature=temperature,

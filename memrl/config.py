@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.attention import ATTENTION_BACKENDS
+
 RUN_CONFIG_NAME = "run_config.json"
 
 # The paper's Figure 4 templates (DESIGN §4). Templates are data: override them like any other field.
@@ -43,9 +45,11 @@ class ModelCfg:
     # forward/backward and rollout (FSDP2 mixed precision, also on one process); float32: everything fp32
     ref_path: str = ""  # frozen KL reference; "" = the starting weights (`path`), as in verl/MemAgent
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
+    attention: str = "auto"  # packed micro-batch attention: auto | triton | flash | flex | padded | dense (memrl/attention.py)
 
     def __post_init__(self):
         assert self.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unknown dtype {self.dtype!r}"
+        assert self.attention in ATTENTION_BACKENDS, f"model.attention: {self.attention!r} not in {ATTENTION_BACKENDS}"
 
 
 @dataclass
