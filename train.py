@@ -264,7 +264,8 @@ for step in pbar:
         shaped += overlong_penalty(final_len, cfg.rollout.response_max_tokens, cfg.algo.overlong_cache_tokens)
     group_ids = torch.tensor([t.group_id for t in batch.trajectories], dtype=torch.long)
     advantages = group_advantages(shaped, group_ids, std_normalize=cfg.algo.advantage == "grpo")
-    micro_batches = [mb.to(device) for mb in pack_turns(batch.records, advantages, cfg.train.micro_batch_tokens)]
+    micro_batches = [mb.to(device) for mb in pack_turns(batch.records, advantages, cfg.train.micro_batch_tokens,
+                                                         by_length=cfg.train.pack_by_length)]
     n_real = len(micro_batches)  # this rank's; padded with zero-weight dummies up to the largest count of any rank
     micro_batches += [DUMMY] * (int(all_reduce_max(torch.tensor(n_real, device=device)).item()) - n_real)
     # the token-mean's denominator: every response token of the GLOBAL batch (summed over ranks), as a tensor

@@ -205,13 +205,24 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def pack_turns(records: Sequence[TurnRecord], traj_advantages: torch.Tensor, max_tokens: int) -> list[PackedBatch]:
-    """Greedy packing, in record order, into micro-batches of at most max_tokens rows. A record longer than the
-    budget gets a micro-batch of its own (never split: attention needs the whole sequence)."""
+def pack_turns(records: Sequence[TurnRecord], traj_advantages: torch.Tensor, max_tokens: int,
+               by_length: bool = False) -> list[PackedBatch]:
+    """Greedy packing into micro-batches of at most max_tokens rows. A record longer than the budget gets a
+    micro-batch of its own (never split: attention needs the whole sequence).
+
+    Order: record order by default. by_length=True first sorts the records by length, longest first (ties by
+    index: deterministic), so each micro-batch holds a run of similar lengths: near-uniform, what right-padded
+    attention wants (memrl/attention.py "padded": one call when S * L <= 2T). Not first-fit decreasing, which fills
+    the gaps left by long records with the shortest ones: fewer micro-batches, but mixed lengths again. The loss
+    stays the same token-mean (each term is divided by the global count, whatever the grouping)."""
     assert max_tokens > 0
+    order = range(len(records))
+    if by_length:
+        order = sorted(order, key=lambda k: (-(len(records[k].prompt_ids) + len(records[k].response_ids)), k))
     groups: list[list[int]] = []
     used = max_tokens + 1  # forces a new micro-batch for the first record
-    for k, rec in enumerate(records):
+    for k in order:
+        rec = records[k]
         n = len(rec.prompt_ids) + len(rec.response_ids) - 1
         if used + n > max_tokens:
             groups.append([])

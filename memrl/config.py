@@ -151,6 +151,7 @@ class TrainCfg:
     epochs: int = 10  # paper A.1
     max_steps: int = 0  # 0 = as many as `epochs` passes over the data take
     micro_batch_tokens: int = 16384  # packed rows per forward/backward; bounds activation memory
+    pack_by_length: bool = False  # micro-batches of similar record lengths (algo.pack_turns); off until measured
     eval_every: int = 0  # steps between held-out evaluations; 0 = only before and after training
     eval_at_start: bool = True  # evaluate the starting policy before step 1 (benchmarks turn it off)
     save_every: int = 50  # steps between checkpoints; 0 = only at the end
