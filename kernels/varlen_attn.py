@@ -114,10 +114,11 @@ def varlen_tiles(cu_seqlens: torch.Tensor, total: int, tile: int) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. Arguments that change with every micro-batch (sequence and tile counts, T) are not specialised
+# (Triton would otherwise compile one variant per value of "divisible by 16").
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seqs", "n_tiles", "sl_h"])
 def _fwd_kernel(Q, K, V, O, LSE, CU, TILES, n_seqs, n_tiles,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sl_h,
                 qk_scale,
@@ -184,7 +185,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, TILES, n_seqs, n_tiles,
     tl.store(LSE + h * sl_h + start + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "sl_h"])
 def _bwd_preprocess(O, DO, DELTA, T, so_t, so_h, sdo_t, sdo_h, sl_h,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """delta[h, i] = sum_d O[i, h, d] * dO[i, h, d] in fp32 (FA-2's D_i)."""
@@ -198,7 +199,7 @@ def _bwd_preprocess(O, DO, DELTA, T, so_t, so_h, sdo_t, sdo_h, sl_h,
     tl.store(DELTA + h * sl_h + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seqs", "n_tiles", "sl_h"])
 def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU, TILES, n_seqs, n_tiles,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sl_h,
                 sdq_t, sdq_h, sdk_t, sdk_h, sdv_t, sdv_h,

@@ -223,14 +223,14 @@ _compiled_flex = None
 
 def _flex(q, k, v, **kwargs):
     """flex_attention, compiled once per process on CUDA (eager flex is an unfused T^2 reference: CPU tests only).
-    Shapes change every micro-batch; after the first recompile torch.compile marks T dynamic (no more compiles)."""
+    dynamic=True: T changes with every micro-batch, and one symbolic-T compile serves them all."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type != "cuda":
         return flex_attention(q, k, v, **kwargs)
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
     return _compiled_flex(q, k, v, **kwargs)
 
 

@@ -175,6 +175,22 @@ def test_backend_choice():
             A.packed_layout((3, 4), "cpu", "flash")
 
 
+def test_bench_length_distribution_is_what_it_states():
+    """benchmarks/bench_attention.py's record lengths: memory responses mean ~55 with ~3% cut at 256, answers mean
+    ~150 with a tail to 512, prompts 100..700, ~4 memory turns per answer (its docstring)."""
+    from benchmarks.bench_attention import draw_record
+
+    rng = random.Random(0)
+    records = [draw_record(rng) for _ in range(20000)]
+    memory = [r for kind, _, r in records if kind == "memory"]
+    answers = [r for kind, _, r in records if kind == "final"]
+    assert 0.78 < len(memory) / len(records) < 0.82
+    assert 50 < sum(memory) / len(memory) < 60 and 0.02 < memory.count(256) / len(memory) < 0.04
+    assert max(memory) == 256 and max(answers) == 512
+    assert 140 < sum(answers) / len(answers) < 160 and 0.005 < answers.count(512) / len(answers) < 0.04
+    assert min(p for _, p, _ in records) == 100 and max(p for _, p, _ in records) == 700
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: torch's flash varlen and compiled flex against our kernel's reference at real shapes
 
@@ -213,7 +229,7 @@ def test_gpu_backends_match_float64(backend, hq, hkv, d):
 @pytest.mark.parametrize("backend", ["auto", "triton", "flash"])
 def test_gpu_kernel_launches_do_not_depend_on_the_spread(backend):
     """Every CUDA kernel of one layer's attention forward + backward (torch.profiler; the layout is built before,
-    once per micro-batch): as many with ~100 sequences of 1..500+ tokens as with one 16k-token sequence; for ours
+    once per micro-batch): as many with ~35 real-length sequences as with one 16k-token sequence; for ours
     exactly 1 forward kernel and 2 backward ones."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -230,7 +246,7 @@ def test_gpu_kernel_launches_do_not_depend_on_the_spread(backend):
         return [e.name for e in prof.events() if e.device_type.name == "CUDA"]
 
     spread, single = kernels_of(_realistic(0)), kernels_of((16384,))
-    assert len(_realistic(0)) > 50 and len(spread) == len(single), (spread, single)
+    assert len(_realistic(0)) > 20 and len(spread) == len(single), (spread, single)
     if A.resolve_backend(backend, torch.device("cuda"), torch.bfloat16, 128, 16384) == "triton":
         for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_kernel"):
             assert sum(name in n for n in spread) == 1, (name, spread)
