@@ -90,16 +90,18 @@ def packed_layout(lengths, device, backend: str = "auto", dtype: torch.dtype = t
     T, S, L = sum(lengths), len(lengths), max(lengths)
     backend = resolve_backend(backend, device, dtype, head_dim, T)
     cu_host = torch.tensor((0,) + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    cu = cu_host.to(device, non_blocking=True)
+    if device.type == "cuda":  # from pinned memory the copy is truly asynchronous (no wait for the GPU)
+        cu_host = cu_host.pin_memory()
+    cu = cu_host.to(device, non_blocking=True)  # the one host->device copy; everything below derives from it
+    counts = (cu[1:] - cu[:-1]).long()  # [S] lengths, on the device
     layout = PackedLayout(lengths, backend, cu, L)
     if backend == "triton":
         from kernels.varlen_attn import VarlenTiles
 
         layout.tiles = VarlenTiles(cu, T, head_dim)
     elif backend == "flex":
-        layout.block_mask = _document_block_mask(lengths, device)
+        layout.block_mask = _document_block_mask(counts, T)
     elif backend == "padded" and S * L <= 2 * T:  # else: one call per sequence
-        counts = torch.tensor(lengths, device=device)
         starts = cu[:-1].long()
         slot = torch.arange(L, device=device)[None, :]  # [1, L]
         valid = slot < counts[:, None]  # [S, L]
@@ -107,8 +109,7 @@ def packed_layout(lengths, device, backend: str = "auto", dtype: torch.dtype = t
         layout.scatter = (torch.arange(S, device=device) * L).repeat_interleave(counts, output_size=T) + (
             torch.arange(T, device=device) - starts.repeat_interleave(counts, output_size=T))
     elif backend == "dense":
-        seq = torch.repeat_interleave(torch.arange(S, device=device), torch.tensor(lengths, device=device),
-                                      output_size=T)
+        seq = torch.repeat_interleave(torch.arange(S, device=device), counts, output_size=T)
         layout.mask = build_attention_mask(T, None, seq[None], device)
     elif backend == "flash" and device.type != "cuda":
         raise ValueError("model.attention='flash' runs torch's CUDA flash kernels; on CPU use auto, triton, "
@@ -234,13 +235,12 @@ def _flex(q, k, v, **kwargs):
     return _compiled_flex(q, k, v, **kwargs)
 
 
-def _document_block_mask(lengths: tuple[int, ...], device: torch.device):
-    """FlexAttention's BlockMask for causal attention within each sequence (document masking)."""
+def _document_block_mask(counts: torch.Tensor, T: int):
+    """FlexAttention's BlockMask for causal attention within each sequence (document masking); counts [S]."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    T = sum(lengths)
-    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device),
-                                  output_size=T)
+    device = counts.device
+    doc = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=T)  # [T] seq id
 
     def document_causal(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
