@@ -45,7 +45,7 @@ class ModelCfg:
     # forward/backward and rollout (FSDP2 mixed precision, also on one process); float32: everything fp32
     ref_path: str = ""  # frozen KL reference; "" = the starting weights (`path`), as in verl/MemAgent
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
-    attention: str = "auto"  # packed micro-batch attention: auto | triton | flash | flex | padded | dense (memrl/attention.py)
+    attention: str = "auto"  # packed micro-batches: auto | triton | flash | flex | padded | dense (memrl/attention.py)
 
     def __post_init__(self):
         assert self.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unknown dtype {self.dtype!r}"

@@ -29,7 +29,8 @@ def tiny_model(dtype=torch.float64, layers=2, head_dim=16, seed=0):
     model = Transformer(cfg).to(DEVICE, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if name.endswith("norm.weight") else torch.randn_like(p) * 0.1)
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if name.endswith("norm.weight") else
+                    torch.randn_like(p) * 0.1)
     return model
 
 
@@ -114,7 +115,8 @@ def test_triton_in_the_model_launches_per_layer_and_equals_per_sequence(monkeypa
     (hidden * weight).sum().backward()
     assert dict(LAUNCHES) == {"varlen_fwd": layers, "varlen_bwd_preprocess": layers, "varlen_bwd": layers}
     assert not sdpa_calls
-    got = [("hidden", hidden.detach())] + [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
+    got = [("hidden", hidden.detach())]
+    got += [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
 
     monkeypatch.undo()
     want_h, want_g = per_sequence(model.double(), seqs, weight.double())
