@@ -8,10 +8,10 @@ causal attention restarting at each sequence. `Transformer.attention` (config `m
              CUDA, bf16/fp16 only; GQA native (no K/V copy); its backward accumulates dQ with atomics (not bitwise
              reproducible: the forward, hence scoring, is)
     flex     FlexAttention (torch.compile'd) with a document-causal BlockMask built ONCE per micro-batch, shared by
-             all layers
+             all layers; on CPU eager and forward only (torch has no CPU flex backward)
     padded   the sequences right-padded to the longest into [S, L] and ONE causal SDPA call when that wastes at most
-             half the slots (S * L <= 2T), else one SDPA call per sequence (~100 per layer on real rollouts)
-    dense    ONE SDPA call with the block-diagonal [T, T] mask: T^2 work, exact, cheapest for small T
+             half the slots (S * L <= 2T), else one SDPA call per sequence (tens per layer on real rollouts)
+    dense    ONE SDPA call with the block-diagonal [T, T] mask: T^2 work (most of it masked out), exact
     auto     CUDA: CUDA_DEFAULT (bf16/fp16; fp32 or an unsupported head size -> triton). CPU: dense up to
              CPU_DENSE_MAX_TOKENS tokens, else padded.
 
@@ -35,8 +35,9 @@ ATTENTION_BACKENDS = ("auto", "triton", "flash", "flex", "padded", "dense")
 # The packed backend "auto" picks on CUDA for bf16/fp16. PROVISIONAL: set it from benchmarks/bench_attention.py
 # (fwd + bwd at 16k-token micro-batches of real turn lengths on the H200) to the fastest exact candidate.
 CUDA_DEFAULT = "flash"
-# CPU "auto": below this many packed tokens one masked SDPA call (T^2 scores, 4M per head at 2,048) beats a
-# per-sequence loop's Python overhead on the tiny models CPU runs use; above, padded bounds the work.
+# CPU "auto": up to this many packed tokens, one masked SDPA call (T^2 scores: 4M per head at 2,048, a few ms on a
+# CPU core for the tiny CPU models) instead of a per-sequence loop of Python-dispatched calls; above, padded, whose
+# work is bounded by 2x the real tokens' (or a loop). Not measured: CPU timings here are shared-machine noise.
 CPU_DENSE_MAX_TOKENS = 2048
 
 
@@ -111,9 +112,9 @@ def packed_layout(lengths, device, backend: str = "auto", dtype: torch.dtype = t
     elif backend == "dense":
         seq = torch.repeat_interleave(torch.arange(S, device=device), counts, output_size=T)
         layout.mask = build_attention_mask(T, None, seq[None], device)
-    elif backend == "flash" and device.type != "cuda":
-        raise ValueError("model.attention='flash' runs torch's CUDA flash kernels; on CPU use auto, triton, "
-                         "flex, padded or dense")
+    elif backend == "flash" and (device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"model.attention='flash' runs torch's CUDA flash kernels on bf16/fp16, not {device.type} "
+                         f"{str(dtype).removeprefix('torch.')}: use auto, triton, flex, padded or dense")
     return layout
 
 

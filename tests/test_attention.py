@@ -173,7 +173,7 @@ def test_backend_choice():
     with pytest.raises(ValueError, match="model.attention must be one of"):
         A.resolve_backend("sdpa", cpu, torch.float32, 64, 10)
     if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="CUDA flash kernels"):
+        with pytest.raises(ValueError, match="CUDA flash kernels on bf16/fp16, not cpu"):
             A.packed_layout((3, 4), "cpu", "flash")
 
 
