@@ -99,7 +99,7 @@ def packed_layout(lengths, device, backend: str = "auto", dtype: torch.dtype = t
     if backend == "triton":
         from kernels.varlen_attn import VarlenTiles
 
-        layout.tiles = VarlenTiles(cu, T, head_dim)
+        layout.tiles = VarlenTiles(cu, T, head_dim, dtype)
     elif backend == "flex":
         layout.block_mask = _document_block_mask(counts, T)
     elif backend == "padded" and S * L <= 2 * T:  # else: one call per sequence
