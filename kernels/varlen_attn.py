@@ -13,7 +13,7 @@ call per sequence is tens of launches per layer (CPU-bound), a block-diagonal ma
 wastes what the longest sequence imposes on all others. Here every layer is 1 launch forward and 2 backward,
 whatever the spread of lengths, and the work is sum_s L_s^2 / 2 (the causal FLOP floor) up to tile rounding.
 
-Design: per-sequence tiles (FlashAttention-2, Dao 2023, with the Triton tutorial's fused backward).
+Design: per-sequence tiles (FlashAttention-2, Dao 2023).
   - The grid is (tile, head). A *tile* is TILE consecutive rows of ONE sequence: sequence s owns ceil(L_s / TILE)
     tiles, listed in order in a small map (tile -> (sequence, first row)) built ON THE DEVICE from cu_seqlens
     (`varlen_tiles`: a few tiny torch ops, no host sync; the model builds it once per forward and shares it across
@@ -24,22 +24,21 @@ Design: per-sequence tiles (FlashAttention-2, Dao 2023, with the Triton tutorial
     union of their key ranges, wasted work that grows with the number of short sequences.)
   - Forward, program (tile, q head): online softmax over the key blocks 0 .. the tile's last row of its sequence,
     causal mask on every block. Writes out and the log-sum-exp (fp32, base-2 units of the scaled scores).
-  - Backward = 2 launches, no atomics:
-      1. `_bwd_preprocess`: delta_i = sum_d out_id * dout_id (fp32), per row and q head.
+  - Backward = 2 launches, no atomics. With P = softmax(scale * Q K^T) (causal), dP = dO V^T, Delta = rowsum(O * dO):
+        dV = P^T dO,   dS = P * (dP - Delta),   dQ = scale * dS K,   dK = scale * dS^T Q        (FA-2, Alg. 2)
+    P is recomputed from Q, K and the saved log-sum-exp; nothing of size T^2 is stored.
+      1. `_bwd_preprocess`: Delta_i = sum_d out_id * dout_id (fp32), per row and q head.
       2. `_bwd_kernel`, grid (tile, Hkv + Hq). Programs (tile, j < Hkv): dK, dV of the tile's rows as KEYS of kv
          head j, accumulated in registers over the g query heads of the group and every query block from the tile
          on (so GQA needs no reduction over heads afterwards). Programs (tile, Hkv + h): dQ of the tile's rows as
          QUERIES of head h, over the key blocks up to the tile. Each output element has exactly one owner summing in
          a fixed order: bitwise deterministic, no fp32 dQ buffer in memory. The heavy dK/dV programs come first in
          launch order (grid dim 1 is the slower one), so the short dQ ones fill in behind them.
-  - Registers (checked offline: Triton 3.9 for sm_90a, ptxas -v, bf16): every offset is int32 from per-sequence
-    base pointers (the launcher checks they fit), and neither the forward nor the backward has two nested loops
-    over blocks beside each other: 64-bit offset tiles, a separate unmasked loop for the blocks below the
-    diagonal, or dQ looping over the g heads inside the dK/dV program each made the kernels spill. As configured
-    in `_GPU`, 90-255 registers per thread and no spills, bf16/fp16/fp32, head dims 24-128.
-    With P = softmax(scale * Q K^T) (causal), dP = dO V^T, Delta = rowsum(O * dO):
-        dV = P^T dO,   dS = P * (dP - Delta),   dQ = scale * dS K,   dK = scale * dS^T Q        (FA-2, Alg. 2)
-    P is recomputed from Q, K and the saved log-sum-exp; nothing of size T^2 is stored.
+  - Registers (checked offline: Triton 3.9 for sm_90a, `ptxas -v` on the generated PTX): every offset is int32
+    from per-sequence base pointers (the launcher checks they fit), and each program runs ONE loop over blocks
+    (nested only in the dK/dV programs' loop over the g heads). Each of 64-bit offset tiles, a separate unmasked
+    loop for the blocks below the diagonal, and dQ looping over the g heads inside the dK/dV program made the
+    kernels spill. As configured in `_GPU`: 90-255 registers per thread, no spills (bf16/fp16/fp32, D 24-128).
 
 Floor: 4 * sum_s L_s^2 / 2 * D * Hq FLOPs forward (two matmuls over the causal half), 2.5x that backward (five
 matmuls, one of them the recomputed QK^T). benchmarks/bench_attention.py prints it and the % reached.
