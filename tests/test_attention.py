@@ -126,6 +126,7 @@ def test_triton_in_the_model_launches_per_layer_and_equals_per_sequence(monkeypa
         assert err <= 3e-5 * want.abs().max().item(), f"{name}: max |err| {err:.3e}"
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="compiled flex runs bf16: test_gpu_backends_match_float64")
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_forward_equals_per_sequence_float64():
     model = tiny_model()
@@ -157,6 +158,8 @@ def test_packed_attention_equals_block_diagonal_mask(lengths, backend):
     T = sum(lengths)
     seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None].to(DEVICE)
     q, k, v = (torch.randn(1, h, T, 8, generator=g, dtype=torch.float64).to(DEVICE) for h in (6, 2, 2))
+    if backend == "flex" and DEVICE == "cuda":
+        pytest.skip("compiled flex runs bf16: test_gpu_backends_match_float64")
     ref = A.sdpa_attention(q, k, v, A.build_attention_mask(T, None, seq, DEVICE))
     layout = A.packed_layout(lengths, DEVICE, backend, torch.float64, 8)
     torch.testing.assert_close(A.packed_attention(q, k, v, layout), ref, rtol=1e-12, atol=1e-12)
