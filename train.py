@@ -97,11 +97,13 @@ def sync() -> None:
 policy_path = resolve_checkpoint(resolve_policy(cfg.model.path))  # "" = assets/synthetic-policy
 policy = load_model(policy_path, dtype=torch.float32 if fsdp else dtype, device=device)  # fp32 masters under FSDP
 policy.gradient_checkpointing = cfg.model.gradient_checkpointing
+policy.attention = cfg.model.attention  # how packed micro-batches attend (memrl/attention.py)
 tokenizer = Tokenizer.from_pretrained(policy_path)
 ref = None
 if cfg.algo.kl_coef > 0:  # the frozen reference: the starting weights unless model.ref_path says otherwise
     ref = load_model(resolve_policy(cfg.model.ref_path) if cfg.model.ref_path else policy_path, dtype=dtype,
                      device=device).eval().requires_grad_(False)
+    ref.attention = cfg.model.attention
 if fsdp:  # FSDP2 from outside the model: fp32 shards (masters), `dtype` compute copy, fp32 gradient reduction
     shard_model(policy, dtype if dtype != torch.float32 else None)
     if ref is not None:
@@ -283,7 +285,8 @@ for step in pbar:
     n_mini = cfg.algo.mini_batches
     split = split_by_problem(rows, [rank * per_rank + r.group_id for r in rows], cfg.train.batch_size, n_mini,
                              cfg.train.seed, step)
-    mini = [[mb.to(device) for mb in pack_turns(part, advantages, cfg.train.micro_batch_tokens)] for part in split]
+    mini = [[mb.to(device) for mb in pack_turns(part, advantages, cfg.train.micro_batch_tokens,
+                                                by_length=cfg.train.pack_by_length)] for part in split]
     n_real = [len(m) for m in mini]  # this rank's; each padded with zero-weight dummies up to the most of any rank
     n_pass = [int(n) for n in all_reduce_max(torch.tensor(n_real, device=device)).tolist()]
     mini = [m + [DUMMY] * (n - len(m)) for m, n in zip(mini, n_pass)]

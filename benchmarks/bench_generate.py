@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable w
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memrl.generate import Generator, SamplingParams
+from memrl.hf_io import to_hf_state_dict
 from memrl.model import ModelConfig, Transformer, random_init_
 
 QWEN25_1P5B = dict(
@@ -128,7 +129,9 @@ def hf_twin(model: Transformer, cfg_dict: dict, device, dtype):
             hf = Qwen2ForCausalLM._from_config(hf_cfg, dtype=dtype)
         except TypeError:  # older transformers
             hf = Qwen2ForCausalLM._from_config(hf_cfg, torch_dtype=dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False, assign=True)
+    # HF names; the split q/k/v and gate/up are views of our fused weights (no copy)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=False,
+                                             assign=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.tie_weights()
     hf.generation_config.eos_token_id = None

@@ -6,11 +6,13 @@ A  token_logprobs         logits [N, V] -> per-token log-prob (+ entropy)       
 A' linear_token_logprobs  hidden [N, H], lm_head [V, H] -> the same, fused         kernels/linear_logprob.py
 B  ppo_loss               token-mean dual-clip PPO + KL loss over [N] vectors      kernels/ppo_loss.py
 A'+B linear_ppo_loss      lm_head + log-prob + loss fused, 3 GEMMs (training)    kernels/linear_ppo.py
+   varlen_attention       causal attention over packed sequences (cu_seqlens)     kernels/varlen_attn.py
 set_backend("auto" | "triton" | "torch") or MEMRL_KERNELS picks Triton or the references.
 
-A, A' and A'+B are imported on first use, so `import kernels` stays cheap and works where Triton is
-missing. No __version__ on purpose: transformers probes for a top-level package named `kernels`
-(the Hugging Face `kernels` hub) and must keep finding no usable one here.
+A, A', A'+B and varlen_attention are imported on first use, so `import kernels` stays cheap and works where
+Triton is missing. The varlen module is `varlen_attn`, not `varlen_attention`: a submodule of that name would
+replace the function as an attribute of the package once imported. No __version__ on purpose: transformers probes
+for a top-level package named `kernels` (the Hugging Face `kernels` hub) and must keep finding no usable one here.
 """
 import importlib
 
@@ -25,10 +27,13 @@ _LAZY = {
     "linear_ppo_loss": "kernels.linear_ppo",
     "linear_ppo_loss_torch": "kernels.linear_ppo",
     "linear_token_logprobs_scoring": "kernels.linear_ppo",
+    "varlen_attention": "kernels.varlen_attn",
+    "varlen_attention_torch": "kernels.varlen_attn",
 }
 
 __all__ = ["token_logprobs", "token_logprobs_torch", "linear_token_logprobs", "linear_token_logprobs_torch",
-           "linear_ppo_loss", "linear_ppo_loss_torch", "linear_token_logprobs_scoring", "ppo_loss", "ppo_loss_torch", "set_backend", "get_backend"]
+           "linear_ppo_loss", "linear_ppo_loss_torch", "linear_token_logprobs_scoring", "varlen_attention",
+           "varlen_attention_torch", "ppo_loss", "ppo_loss_torch", "set_backend", "get_backend"]
 
 
 def __getattr__(name: str):

@@ -214,6 +214,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # [1, T] long
     positions: torch.Tensor  # [1, T] long, restarting at 0 for each record
     seq_ids: torch.Tensor  # [1, T] long, 0..k-1: tokens attend only within their record (causal)
+    seq_lengths: list[int]  # [k] rows of each record, on the host: the attention layout without a device sync
     targets: torch.Tensor  # [T] long: the next token of every row
     response_mask: torch.Tensor  # [T] bool: True on rows whose target is a response token
     response_rows: torch.Tensor  # [N] long: nonzero(response_mask), the rows that enter the lm_head
@@ -241,13 +242,24 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def pack_turns(records: Sequence[TurnRecord], traj_advantages: torch.Tensor, max_tokens: int) -> list[PackedBatch]:
-    """Greedy packing, in record order, into micro-batches of at most max_tokens rows. A record longer than the
-    budget gets a micro-batch of its own (never split: attention needs the whole sequence)."""
+def pack_turns(records: Sequence[TurnRecord], traj_advantages: torch.Tensor, max_tokens: int,
+               by_length: bool = False) -> list[PackedBatch]:
+    """Greedy packing into micro-batches of at most max_tokens rows. A record longer than the budget gets a
+    micro-batch of its own (never split: attention needs the whole sequence).
+
+    Order: record order by default. by_length=True first sorts the records by length, longest first (ties by
+    index: deterministic), so each micro-batch holds a run of similar lengths: near-uniform, what right-padded
+    attention wants (memrl/attention.py "padded": one call when S * L <= 2T). Not first-fit decreasing, which fills
+    the gaps left by long records with the shortest ones: fewer micro-batches, but mixed lengths again. The loss
+    stays the same token-mean (each term is divided by the global count, whatever the grouping)."""
     assert max_tokens > 0
+    order = range(len(records))
+    if by_length:
+        order = sorted(order, key=lambda k: (-(len(records[k].prompt_ids) + len(records[k].response_ids)), k))
     groups: list[list[int]] = []
     used = max_tokens + 1  # forces a new micro-batch for the first record
-    for k, rec in enumerate(records):
+    for k in order:
+        rec = records[k]
         n = len(rec.prompt_ids) + len(rec.response_ids) - 1
         if used + n > max_tokens:
             groups.append([])
@@ -273,6 +285,7 @@ def _pack(recs: list[TurnRecord], idx: list[int], traj_advantages: torch.Tensor)
         input_ids=torch.tensor(ids, dtype=torch.long)[None],
         positions=torch.tensor(pos, dtype=torch.long)[None],
         seq_ids=torch.tensor(seq, dtype=torch.long)[None],
+        seq_lengths=[len(r.prompt_ids) + len(r.response_ids) - 1 for r in recs],
         targets=torch.tensor(tgt, dtype=torch.long),
         response_mask=response_mask,
         response_rows=response_mask.nonzero().squeeze(1),
@@ -297,7 +310,8 @@ def response_logprobs(model, batch: PackedBatch, temperature: float = 1.0, valid
     only, fused with the log-softmax (kernels A'): prompt rows never produce logits."""
     from kernels import linear_token_logprobs
 
-    hidden = model(batch.input_ids, positions=batch.positions, seq_ids=batch.seq_ids, return_hidden=True)  # [1,T,H]
+    hidden = model(batch.input_ids, positions=batch.positions, seq_ids=batch.seq_ids, seq_lengths=batch.seq_lengths,
+                   return_hidden=True)  # [1, T, H]
     h = hidden[0].index_select(0, batch.response_rows)  # [N, H]
     targets = batch.targets.index_select(0, batch.response_rows)  # [N]
     return linear_token_logprobs(h, model.output_weight(), targets, temperature=temperature,

@@ -20,7 +20,8 @@ policy is FSDP2-wrapped, its shards fp32, the compute copy bf16). Two consumers,
   fp32, and the dtype the model is run in anyway);
 - exact resume needs the fp32 masters bit for bit (the optimizer state alone cannot restore them from a bf16
   export). So when the export dtype differs from the masters' dtype, trainer_state.pt also stores the full fp32
-  masters (`master_weights`, keyed like the model's state dict), and a resume loads them instead of the export.
+  masters (`master_weights`, keyed by the Hugging Face names of the export: memrl.hf_io.to_hf_state_dict splits the
+  fused q/k/v and gate/up), and a resume loads them instead of the export.
   Cost: 4 more bytes per parameter on disk (export 2 + masters 4 + Adam moments 8). Chosen over exporting fp32
   because the directory users load stays the model's own dtype and size.
 When the weights train in the dtype they are exported in (fp32 on CPU), there is no `master_weights`: the
@@ -174,8 +175,9 @@ def save_checkpoint(
     if export_dtype is not None:
         full = model_state_dict if model_state_dict is not None else distributed.full_state_dict(model)
         if any(v.dtype != export_dtype for v in full.values()):
-            masters = {k: v.detach().cpu().contiguous() for k, v in full.items()}
-            model_state_dict = {k: v.to(export_dtype) for k, v in masters.items()}
+            masters = hf_io.to_hf_state_dict({k: v.detach().cpu() for k, v in full.items()}, model.config, copy=True)
+            masters = {k: v.contiguous() for k, v in masters.items()}  # HF names, like the export
+            model_state_dict = {k: v.to(export_dtype) for k, v in masters.items()}  # save_model keeps HF names
     try:
         return _write(final, run_dir, step, model, optimizer_state, scheduler, data_state, config, keep_last,
                       tokenizer_dir, model_state_dict, extra, world, rngs, masters)
@@ -257,7 +259,7 @@ def load_checkpoint(
     if model is not None:
         weights = {}
         if distributed.rank() == 0:
-            weights = _weights(Path(path), state, next(model.parameters()).dtype, "cpu")
+            weights = _weights(Path(path), state, model, next(model.parameters()).dtype, "cpu")
         distributed.load_full_state_dict(model, weights)
     if optimizer is not None:
         full = state["optimizer"] if state is not None else {}
@@ -273,11 +275,12 @@ def load_checkpoint(
     return small
 
 
-def _weights(path: Path, state: dict, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """The weights to resume from, in `dtype`: the fp32 masters when the checkpoint stored them (its export is in a
-    lower precision), else the HF export."""
+def _weights(path: Path, state: dict, model, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """The weights to resume from, in `dtype`, keyed like the model: the fp32 masters when the checkpoint stored
+    them (its export is in a lower precision), else the HF export."""
     if state.get("master_weights") is not None:
-        return {k: v.to(device=device, dtype=dtype) for k, v in state["master_weights"].items()}
+        masters = {k: v.to(device=device, dtype=dtype) for k, v in state["master_weights"].items()}  # HF names
+        return hf_io.from_hf_state_dict(masters, model.config, list(model.state_dict()))
     weights = hf_io.load_model(path, dtype=dtype, device=device).state_dict()
     weights.pop("inv_freq", None)
     return weights
@@ -304,7 +307,7 @@ def _load_local(path: Path, model, optimizer, scheduler, restore_rng: bool) -> d
         raise ValueError(_world_message(path, state["world_size"], 1))
     if model is not None:
         ref = next(model.parameters())
-        model.load_state_dict(_weights(path, state, ref.dtype, ref.device), strict=True)
+        model.load_state_dict(_weights(path, state, model, ref.dtype, ref.device), strict=True)
     if optimizer is not None:
         if state["optimizer"] is None:
             raise ValueError(f"{path}: checkpoint has no optimizer state")

@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.attention import ATTENTION_BACKENDS
 from memrl.length_profile import PROFILES
 # The turn templates (DESIGN §4) live in memrl.templates; here they are data, overridable like any other field.
 from memrl.templates import (CONVERSATION_FINAL_TEMPLATE, CONVERSATION_SHARD_TEMPLATE, FINAL_TEMPLATE,
@@ -46,9 +47,11 @@ class ModelCfg:
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~1/3 more compute
     compile_train: bool = False  # torch.compile each block's RMSNorms and SwiGLU MLP for scoring and the update
     # (memrl/compile.py): fused elementwise work; compiles once (seconds to tens of seconds) in the first step
+    attention: str = "auto"  # packed micro-batches: auto | triton | flash | flex | padded | dense (memrl/attention.py)
 
     def __post_init__(self):
         assert self.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unknown dtype {self.dtype!r}"
+        assert self.attention in ATTENTION_BACKENDS, f"model.attention: {self.attention!r} not in {ATTENTION_BACKENDS}"
 
 
 @dataclass
@@ -184,6 +187,7 @@ class TrainCfg:
     epochs: int = 10  # paper A.1
     max_steps: int = 0  # 0 = as many as `epochs` passes over the data take
     micro_batch_tokens: int = 16384  # packed rows per forward/backward; bounds activation memory
+    pack_by_length: bool = False  # micro-batches of similar record lengths (algo.pack_turns); off until measured
     eval_every: int = 0  # steps between held-out evaluations; 0 = only before and after training
     eval_at_start: bool = True  # evaluate the starting policy before step 1 (benchmarks turn it off)
     save_every: int = 50  # steps between checkpoints; 0 = only at the end

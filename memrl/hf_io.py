@@ -6,6 +6,11 @@ Saving writes the same format into a temporary directory and renames it into pla
 `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it and a crash never leaves half a checkpoint.
 
 Only safetensors are read (never pickled `.bin` weights), and no remote code is ever run.
+
+Names: files hold Hugging Face tensor names. Our model fuses two groups of them into one parameter each (one GEMM
+instead of three / two per layer); FUSED_TO_HF below is the only place that knows it. Loading stacks the HF parts
+along dim 0 (`from_hf_state_dict`), saving splits them back (`to_hf_state_dict`); every other name is the same on
+both sides.
 """
 from __future__ import annotations
 
@@ -27,6 +32,52 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json",
 )
+
+
+# our fused parameter (under model.layers.N.) -> the HF tensors stacked in it, in order along dim 0; ".weight" and,
+# where the family has one, ".bias" alike (Qwen2's q/k/v bias, Llama's optional mlp_bias)
+FUSED_TO_HF = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def _fused_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int]] | None:
+    """(HF name, rows) of each part of our tensor `name`, or None when `name` is not a fused one."""
+    prefix, _, leaf = name.rpartition(".")  # "model.layers.3.self_attn.qkv_proj", "weight"
+    for fused, parts in FUSED_TO_HF.items():
+        if prefix.endswith("." + fused):
+            base = prefix[: -len(fused)]
+            q, kv, inter = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
+                            cfg.intermediate_size)
+            rows = (q, kv, kv) if fused == "self_attn.qkv_proj" else (inter, inter)
+            return [(f"{base}{part}.{leaf}", n) for part, n in zip(parts, rows)]
+    return None
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, copy: bool = False) -> dict[str, torch.Tensor]:
+    """Our names -> Hugging Face names: each fused tensor split along dim 0 into its HF parts, views of it unless
+    `copy` (safetensors refuses to write tensors that share storage)."""
+    out = {}
+    for name, t in state.items():
+        parts = _fused_parts(name, cfg)
+        if parts is None:
+            out[name] = t
+            continue
+        assert t.shape[0] == sum(n for _, n in parts), f"{name}: {tuple(t.shape)} does not split into {parts}"
+        for (hf_name, _), piece in zip(parts, t.split([n for _, n in parts], dim=0)):
+            out[hf_name] = piece.clone() if copy else piece
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, names) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> our parameters `names` (stacking each fused group). Pops what it uses from `state`,
+    so a group's parts are freed as soon as it is stacked."""
+    out = {}
+    for name in names:
+        parts = _fused_parts(name, cfg)
+        out[name] = state.pop(name) if parts is None else torch.cat([state.pop(hf) for hf, _ in parts], dim=0)
+    return out
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
@@ -91,7 +142,8 @@ def load_model(
     cfg = load_config(ckpt)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    ours = list(model.state_dict())
+    expected = {name: p.shape for name, p in to_hf_state_dict(model.state_dict(), cfg).items()}  # HF names
     files = _weight_files(ckpt)
     if cfg.tie_word_embeddings:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too; the embedding is the truth
@@ -124,7 +176,7 @@ def load_model(
                         f"{tuple(expected[name])}"
                     )
                 state[name] = t.to(dtype)  # one tensor at a time: never a full fp32 copy
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(from_hf_state_dict(state, cfg, ours), strict=True, assign=True)
     model.reset_rope(device)
     return model
 
@@ -139,10 +191,12 @@ def save_model(
     """Write config.json + safetensors (sharded past max_shard_bytes) atomically; copy tokenizer files if given.
 
     state_dict: pass a gathered full state dict when the model is sharded (FSDP); by default model.state_dict().
+    Either way with our names; the files get Hugging Face's (to_hf_state_dict).
     """
     out = Path(out_dir)
     sd = model.state_dict() if state_dict is None else state_dict
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    sd = to_hf_state_dict({k: v.detach().to("cpu") for k, v in sd.items()}, model.config, copy=True)
+    sd = {k: v.contiguous() for k, v in sd.items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
     dtype = next(iter(sd.values())).dtype

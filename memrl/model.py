@@ -6,25 +6,32 @@ The families differ in four small places, each a config field here:
   - Llama 3.x:  "llama3" frequency-dependent RoPE scaling          (`rope_scaling`)
   - all:        tied or untied input/output embeddings            (`tie_word_embeddings`)
 Everything else (GQA, RoPE, SwiGLU, RMSNorm, pre-norm residual blocks) is shared. Parameter names are the
-Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`), so checkpoints load and save without a mapping.
+Hugging Face ones except two fused projections, one GEMM each instead of three and two per layer:
+`self_attn.qkv_proj` = HF's q_proj, k_proj, v_proj stacked along the output rows, `mlp.gate_up_proj` = gate_proj,
+up_proj. memrl/hf_io.py holds the one mapping table (FUSED_TO_HF) and applies it on load and save, so checkpoints on
+disk are plain Hugging Face ones.
 
 Invariants
   - A config field we do not implement raises `ValueError` naming the field: never silently wrong output.
   - forward() takes explicit positions, so the same code serves a padded batch (left padding, positions from
-    the attention mask), packed sequences (positions restart per sequence, `seq_ids` keeps them apart) and the
-    generator's KV cache (it passes `attn_fn`, which owns the cache and the mask; see memrl/generate.py).
+    the attention mask), packed sequences (positions restart per sequence, `seq_ids` / `seq_lengths` keep them
+    apart; memrl/attention.py builds their layout once per forward for the backend `model.attention` names) and
+    the generator's KV cache (it passes `attn_fn`, which owns the cache and the mask; see memrl/generate.py).
   - Numerics follow transformers: norms in fp32, RoPE angles in fp32 then cast to the activation dtype.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from memrl.attention import attention, build_attention_mask, lengths_from_seq_ids, packed_layout
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 
@@ -230,88 +237,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class Packed(NamedTuple):
-    """One packed row [1, T] of contiguous sequences, laid out for attention (see packed_layout)."""
-    lengths: tuple[int, ...]  # each sequence's length, in order
-    gather: torch.Tensor | None  # [S * L] token index of each slot of the padded [S, L] layout (pads -> 0); None: loop
-    scatter: torch.Tensor | None  # [T] slot of each token in that layout
-
-
-def sdpa_attention(q, k, v, mask: torch.Tensor | Packed | None) -> torch.Tensor:
-    """Default attention: q [B, Hq, T, D], k/v [B, Hkv, S, D]. `mask` is None (causal), a bool mask [B, 1, T, S]
-    (True = attend), or a Packed layout of one packed row: causal attention inside each sequence."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # GQA: each kv head serves `groups` query heads
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if isinstance(mask, Packed):
-        if mask.gather is None:  # lengths too uneven to pad: one causal call per sequence
-            return torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True) for qs, ks, vs in
-                              zip(q.split(mask.lengths, 2), k.split(mask.lengths, 2), v.split(mask.lengths, 2))], 2)
-        S, L = len(mask.lengths), max(mask.lengths)
-
-        def to_padded(x):  # [1, H, T, D] -> [S, H, L, D], each sequence right-padded to L
-            return x[0].index_select(1, mask.gather).view(x.shape[1], S, L, x.shape[-1]).transpose(0, 1)
-
-        out = F.scaled_dot_product_attention(to_padded(q), to_padded(k), to_padded(v), is_causal=True)
-        return out.transpose(0, 1).reshape(q.shape[1], S * L, q.shape[-1]).index_select(1, mask.scatter)[None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def packed_layout(seq_ids: torch.Tensor) -> Packed | None:
-    """The layout of ONE packed row [1, T] whose ids form contiguous runs (how memrl.algo.pack_turns packs), else
-    None (the dense mask handles any layout). Why: a block-diagonal [T, T] mask over a 16k-token micro-batch costs
-    T^2 attention FLOPs and memory, almost all across sequences that never see each other. Instead the sequences are
-    right-padded into a [S, L] batch and take ONE causal (flash) call per layer: causal + right padding is exact for
-    the real tokens, whose keys all come before the pads. Padding wastes (S*L - T) slots, so when lengths are very
-    uneven (S*L > 2T) it loops over the sequences instead (exact too, one call each)."""
-    if seq_ids.shape[0] != 1:
-        return None
-    ids, counts = torch.unique_consecutive(seq_ids[0], return_counts=True)
-    if torch.unique(ids).numel() != ids.numel():  # an id came back after another one: not contiguous runs
-        return None
-    lengths = tuple(counts.tolist())
-    S, L, T = len(lengths), max(lengths), seq_ids.shape[1]
-    if S * L > 2 * T:
-        return Packed(lengths, None, None)
-    dev = seq_ids.device
-    starts = torch.cumsum(counts, 0) - counts  # [S]
-    slot = torch.arange(L, device=dev)[None, :]  # [1, L]
-    valid = slot < counts[:, None]  # [S, L]
-    gather = torch.where(valid, starts[:, None] + slot, torch.zeros((), dtype=torch.long, device=dev)).reshape(-1)
-    scatter = (torch.arange(S, device=dev) * L).repeat_interleave(counts) + (
-        torch.arange(T, device=dev) - starts.repeat_interleave(counts))
-    return Packed(lengths, gather, scatter)
-
-
-def build_attention_mask(T: int, attention_mask: torch.Tensor | None, seq_ids: torch.Tensor | None, device):
-    """Bool mask [B, 1, T, T]: causal, within the same packed sequence, only onto real (unpadded) keys.
-
-    Every query row keeps at least its own position, so padding rows stay finite (their outputs are ignored).
-    Returns None when plain causal attention is enough (no padding, no packing)."""
-    if attention_mask is None and seq_ids is None:
-        return None
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    mask = causal[None]  # (1, T, T)
-    if seq_ids is not None:
-        mask = mask & (seq_ids[:, :, None] == seq_ids[:, None, :])  # (B, T, T)
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, :]
-    mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None]
-    return mask[:, None]  # (B, 1, T, T)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H, D = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(H, self.n_kv * D, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(H, self.n_kv * D, bias=cfg.attention_bias)
+        # q, k and v in ONE GEMM: rows [q (Hq*D) | k (Hkv*D) | v (Hkv*D)], i.e. HF's q_proj, k_proj, v_proj stacked
+        self.qkv_split = (self.n_heads * D, self.n_kv * D, self.n_kv * D)
+        self.qkv_proj = nn.Linear(H, sum(self.qkv_split), bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
         if cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -321,9 +255,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, attn_fn: AttnFn | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)  # views of one (B, T, (Hq + 2 Hkv) * D) output
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -331,7 +266,7 @@ class Attention(nn.Module):
         if attn_fn is not None:
             out = attn_fn(self.layer_idx, q, k, v)
         else:
-            out = sdpa_attention(q, k, v, mask)
+            out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -339,12 +274,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         H, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(H, 2 * I, bias=cfg.mlp_bias)  # rows [gate (I) | up (I)]: one GEMM, not two
         self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):
@@ -381,6 +316,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        self.attention = "auto"  # packed-row attention backend, see memrl/attention.py (config `model.attention`)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def reset_rope(self, device=None):
@@ -399,11 +335,14 @@ class Transformer(nn.Module):
         seq_ids: torch.Tensor | None = None,
         attn_fn: AttnFn | None = None,
         return_hidden: bool = False,
+        seq_lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (param dtype), or the final-normed hidden [B, T, H].
 
         positions: [B, T]; default arange(T), or cumsum(attention_mask) - 1 under (left) padding.
         attention_mask: [B, T], 1 for real tokens. seq_ids: [B, T] for packed sequences (positions must restart).
+        seq_lengths: the packed sequences' lengths on the host (B = 1, contiguous runs of seq_ids, in order):
+            saves the one device->host sync of reading them from seq_ids.
         attn_fn: the KV-cache seam; when given, the model builds no mask and calls attn_fn(layer, q, k, v).
         """
         B, T = input_ids.shape
@@ -415,9 +354,15 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         mask = None
-        if attn_fn is None:
-            packed = packed_layout(seq_ids) if seq_ids is not None and attention_mask is None else None
-            mask = packed if packed is not None else build_attention_mask(T, attention_mask, seq_ids, x.device)
+        if attn_fn is None:  # one layout (packed row) or mask for all layers
+            lengths = None
+            if seq_ids is not None and attention_mask is None:
+                lengths = tuple(seq_lengths) if seq_lengths is not None else lengths_from_seq_ids(seq_ids)
+            if lengths is not None:
+                assert B == 1 and sum(lengths) == T, f"seq_lengths {lengths[:8]}... do not tile one row of {T}"
+                mask = packed_layout(lengths, x.device, self.attention, x.dtype, self.config.head_dim)
+            else:
+                mask = build_attention_mask(T, attention_mask, seq_ids, x.device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, attn_fn, use_reentrant=False)

@@ -69,12 +69,13 @@ def _records(seed=0, n_groups=3, group_size=3, turns=(1, 4)):
     return records
 
 
+@pytest.mark.parametrize("by_length", [False, True])
 @pytest.mark.parametrize("budget", [1, 16, 40, 10_000])
-def test_pack_turns_layout_and_broadcast(budget):
+def test_pack_turns_layout_and_broadcast(budget, by_length):
     records = _records()
     n_traj = 9
     traj_adv = torch.tensor([0.25 * (i - 4) for i in range(n_traj)])  # distinct per trajectory
-    batches = pack_turns(records, traj_adv, max_tokens=budget)
+    batches = pack_turns(records, traj_adv, max_tokens=budget, by_length=by_length)
     seen = []
     for b in batches:
         T = b.num_tokens
@@ -104,7 +105,15 @@ def test_pack_turns_layout_and_broadcast(budget):
         assert all(t >= 200 for t in b.targets[b.response_rows].tolist())  # no prompt token is a target
         assert torch.equal(b.rollout_logprobs,
                            torch.tensor([lp for k in b.record_indices for lp in records[k].logprobs]))
-    assert seen == list(range(len(records)))  # every record once, in order
+    if by_length:  # every record once, longest first, ties in record order
+        lengths = [len(records[k].prompt_ids) + len(records[k].response_ids) for k in seen]
+        assert sorted(seen) == list(range(len(records)))
+        assert seen == sorted(seen, key=lambda k: (-lengths[seen.index(k)], k))
+    else:
+        assert seen == list(range(len(records)))  # every record once, in order
+    assert [len(b.record_indices) for b in batches] == [len(b.seq_lengths) for b in batches]
+    assert all(b.seq_lengths == [len(records[k].prompt_ids) + len(records[k].response_ids) - 1
+                                 for k in b.record_indices] for b in batches)
     assert sum(b.num_response_tokens for b in batches) == count_response_tokens(records)
 
 
@@ -222,8 +231,9 @@ def test_kl_needs_a_reference():
         policy_loss(torch.zeros(2, requires_grad=True), torch.zeros(2), torch.tensor(2.0), kl_coef=0.1)
 
 
+@pytest.mark.parametrize("by_length", [False, True])
 @pytest.mark.parametrize("budget", [8, 30, 100])
-def test_micro_batched_token_mean_equals_global_token_mean(budget):
+def test_micro_batched_token_mean_equals_global_token_mean(budget, by_length):
     records = _records(seed=2, n_groups=4, group_size=4)
     gen = torch.Generator().manual_seed(0)
     traj_adv = group_advantages(torch.randint(0, 2, (16,), generator=gen).float(), torch.arange(16) // 4)
@@ -247,7 +257,7 @@ def test_micro_batched_token_mean_equals_global_token_mean(budget):
         return total, metrics, torch.cat([leaves[k].grad for k in sorted(leaves)])
 
     one_loss, one_metrics, one_grad = run(pack_turns(records, traj_adv, max_tokens=10**9))
-    mb = pack_turns(records, traj_adv, max_tokens=budget)
+    mb = pack_turns(records, traj_adv, max_tokens=budget, by_length=by_length)
     assert len(mb) > 1
     mb_loss, mb_metrics, mb_grad = run(mb)
     torch.testing.assert_close(mb_loss, one_loss, rtol=1e-6, atol=1e-7)
@@ -399,3 +409,36 @@ def test_rollout_correction_hand_computed():
     assert m["mismatch/k3"] == pytest.approx(sum(math.exp(x) - x - 1 for x in d) / 4, rel=1e-5)
     assert m["mismatch/seq_ratio"] == pytest.approx((math.exp(0.1) + math.exp(-0.5)) / 2, rel=1e-6)
     assert m["mismatch/seq_masked_frac"] == 0.0 and "mismatch/tis_weight" not in m
+
+
+def test_length_sorted_packing_gives_the_same_loss_and_gradients_through_the_model():
+    """pack_turns(by_length=True) regroups the records; through the model, the summed token-mean loss and every
+    parameter gradient equal those of record-order packing, to fp32 rounding (the sums run in another order)."""
+    from memrl.algo import response_logprobs
+
+    model = tiny_model()
+    records = _records(seed=4, n_groups=2, group_size=2, turns=(1, 3))
+    for r in records:
+        r.prompt_ids = [t % 250 for t in r.prompt_ids]
+        r.response_ids = [t % 250 for t in r.response_ids]
+    traj_adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
+    n_global = torch.tensor(float(count_response_tokens(records)))
+
+    def run(batches):
+        model.zero_grad()
+        total = 0.0
+        for b in batches:
+            logp, _ = response_logprobs(model, b)
+            loss, _ = policy_loss(logp, b.advantages, n_global, old_logp=logp.detach() + 0.1)
+            loss.backward()
+            total += loss.item()
+        return total, [p.grad.clone() for p in model.parameters()]
+
+    plain = pack_turns(records, traj_adv, max_tokens=40)
+    by_len = pack_turns(records, traj_adv, max_tokens=40, by_length=True)
+    assert [b.record_indices for b in plain] != [b.record_indices for b in by_len]
+    (loss_a, grads_a), (loss_b, grads_b) = run(plain), run(by_len)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-7)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+

@@ -42,6 +42,24 @@ def test_sharded_save_and_load(tmp_path):
         assert torch.equal(ours(ids), again(ids))
 
 
+def test_fused_projections_stack_and_split_the_hf_tensors(tmp_path):
+    """Our qkv_proj / gate_up_proj are the file's q, k, v (weights and Qwen2's biases) and gate, up stacked in that
+    order; saving writes back exactly the file's names and values."""
+    src = make_tiny_checkpoint(tmp_path / "src", "qwen2")
+    files = load_file(src / "model.safetensors")
+    ours = load_model(src, dtype=torch.float32).state_dict()
+    for layer in (0, 1):
+        attn, mlp = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+        for leaf in ("weight", "bias"):
+            stacked = torch.cat([files[f"{attn}{p}_proj.{leaf}"] for p in "qkv"])
+            assert torch.equal(ours[f"{attn}qkv_proj.{leaf}"], stacked)
+        stacked = torch.cat([files[f"{mlp}gate_proj.weight"], files[f"{mlp}up_proj.weight"]])
+        assert torch.equal(ours[f"{mlp}gate_up_proj.weight"], stacked)
+    saved = load_file(save_model(load_model(src, dtype=torch.float32), tmp_path / "out") / "model.safetensors")
+    assert set(saved) == set(files)
+    assert all(torch.equal(saved[name], files[name]) for name in files)
+
+
 def test_save_replaces_existing_dir_atomically(tmp_path):
     ours = load_model(make_tiny_checkpoint(tmp_path / "src", "llama"), dtype=torch.float32)
     out = tmp_path / "out"

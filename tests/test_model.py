@@ -115,20 +115,3 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("lengths", [(5, 3, 7), (1, 1, 1), (12,), (40, 1, 1, 1, 1, 1, 1, 1)])
-def test_packed_attention_equals_block_diagonal_mask(lengths):
-    """The packed layout (right-padded batch, or the per-sequence loop when lengths are uneven) computes exactly what
-    the dense block-diagonal causal mask computes, in float64, GQA included."""
-    from memrl.model import build_attention_mask, packed_layout, sdpa_attention
-
-    g = torch.Generator().manual_seed(0)
-    T = sum(lengths)
-    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    q, k, v = (torch.randn(1, h, T, 8, generator=g, dtype=torch.float64) for h in (6, 2, 2))
-    layout = packed_layout(seq)
-    assert layout is not None and layout.lengths == lengths
-    assert (layout.gather is None) == (len(lengths) * max(lengths) > 2 * T)
-    ref = sdpa_attention(q, k, v, build_attention_mask(T, None, seq, "cpu"))
-    torch.testing.assert_close(sdpa_attention(q, k, v, layout), ref, rtol=1e-12, atol=1e-12)
