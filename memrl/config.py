@@ -65,6 +65,7 @@ class RolloutCfg:
     top_p: float = 1.0  # no truncation, for the same reason
     top_k: int = 0  # 0 = off
     eval_greedy: bool = True  # evaluation decodes greedily: a deterministic accuracy, comparable across runs
+    eval_samples: int = 0  # > 0: evaluation also samples k trajectories per problem as training does (seeded)
     ignore_eos: bool = False  # benchmarks only: every turn runs to its full token budget (random weights never stop)
     thinking_budget_tokens: int = 0  # thinking models: room for <think> reasoning on top of each turn's budget;
     # the memory / answer after the reasoning keeps its own cap (memrl/rollout.py says why)
@@ -91,6 +92,7 @@ class RolloutCfg:
         assert self.thinking_budget_tokens >= 0, "rollout.thinking_budget_tokens must be >= 0"
         assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
         assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
+        assert self.eval_samples >= 0, "rollout.eval_samples must be >= 0"
         assert self.compile in ("decode", "all", "none"), f"rollout.compile: {self.compile!r} (decode | all | none)"
         assert not self.length_profile or self.ignore_eos, "rollout.length_profile needs rollout.ignore_eos=true"
         assert not self.length_profile or self.length_profile in PROFILES, (
@@ -193,6 +195,8 @@ class TrainCfg:
     save_every: int = 50  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted after a successful save)
     log_every: int = 1  # steps between metrics.jsonl lines
+    tracker: str = "none"  # none | tensorboard | wandb: also send each metrics row there (memrl/trackers.py)
+    tracker_project: str = "memrl"  # the W&B project (the key comes from WANDB_API_KEY, never from the config)
     device: str = "auto"  # auto = cuda when available, else cpu
     resume: str = field(default="", metadata={"flag": "latest"})  # "" | latest | a checkpoint dir
     dump_loss_inputs: str = ""  # tests / debugging: save every micro-batch's loss inputs and outputs in this dir
@@ -202,6 +206,7 @@ class TrainCfg:
         assert self.max_steps >= 0 and self.eval_every >= 0 and self.save_every >= 0, "step counts must be >= 0"
         assert self.micro_batch_tokens >= 1, "train.micro_batch_tokens must be >= 1"
         assert self.keep_last >= 1 and self.log_every >= 1, "train.keep_last, log_every must be >= 1"
+        assert self.tracker in ("none", "tensorboard", "wandb"), f"train.tracker: {self.tracker!r}"
         assert self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"train.device: {self.device}"
 
 

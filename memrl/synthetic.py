@@ -35,6 +35,8 @@ HABITS = ("add", "overwrite")
 EVAL_SEED = 1234  # the held-out set evaluate.py and train.py measure by default
 TRAIN_SEED = 0
 
+SOURCE = "synthetic:coin-tally"  # metadata.source of every episode of this task
+
 
 @dataclass(frozen=True)
 class CoinTally:
@@ -93,7 +95,7 @@ def make_episodes(n: int, split: str = "train", seed: int = TRAIN_SEED, task: Co
         seen.add(key)
         answer = sum(a for nm, a in events if nm == target)
         episodes.append(Episode(id=f"coin-tally-{split}-{seed}-{len(episodes)}", question=question, shards=shards,
-                                answer=str(answer), metadata={"source": "synthetic:coin-tally", "split": split,
+                                answer=str(answer), metadata={"source": SOURCE, "split": split,
                                                               "reward_kind": "gsm8k"}))
     return episodes
 
