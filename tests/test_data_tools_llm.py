@@ -27,6 +27,7 @@ from data_tools.runner import failures_path
 from data_tools.schema import read_episodes
 from data_tools.sentences import sentences
 from data_tools.shard import main as shard_main
+from memrl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-SECRET-7f3a9c"  # must never appear in any output, log or file
@@ -215,7 +216,7 @@ def test_missing_key_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("MEMRL_TEST_KEY", raising=False)
     inp = tmp_path / "test.jsonl"
     write_gsm8k(inp, BASE[:1])
-    with pytest.raises(SystemExit, match="MEMRL_TEST_KEY is not set"):
+    with pytest.raises(ConfigError, match="MEMRL_TEST_KEY is not set"):
         shard_main(llm_args(inp, tmp_path / "o.jsonl", "http://127.0.0.1:9/v1"))
 
 

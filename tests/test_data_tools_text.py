@@ -147,8 +147,8 @@ def test_cli_bad_input_names_file_line_field(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "Q?", "answer": "#### 1"}) + "\n" + json.dumps({"answer": "#### 1"}) + "\n")
     args = ["--input", str(bad), "--dataset", "gsm8k", "--method", "rule", "--out", str(tmp_path / "o.jsonl")]
-    assert shard_main(args) == 2
-    assert "bad.jsonl:2: field 'question': missing" in capsys.readouterr().err
+    with pytest.raises(DataError, match="bad.jsonl:2: field 'question': missing"):
+        shard_main(args)
 
 
 # --- real data: every problem of GSM8K train/test and MATH500 -------------------------------------------------
