@@ -63,7 +63,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
 
         local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
     except Exception as e:  # offline, unknown repo, gated...
-        raise FileNotFoundError(f"{text}: not a local directory, and fetching it from the hub failed: {e}") from e
+        raise FileNotFoundError(f"{text}: not a local directory, and fetching it from the hub failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
     return Path(local)
 
 

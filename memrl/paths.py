@@ -4,8 +4,8 @@ path they were given before anything heavy loads (a typo costs a second, not a m
 The hub-id rule: `text` names a hub repository only when ALL of these hold
     - nothing exists at `text` locally;
     - it reads `owner/name`: exactly one "/", letters, digits and . _ - only, not starting with ".", "/" or "~";
-    - `owner` is not a local directory (so `runs/nothere`, `assets/typo`, `data/x` are local paths that do not exist,
-      never a download).
+    - `owner` is not a local directory, nor one of the folders this project writes (runs, data, assets, checkpoints),
+      so `runs/nothere` or `data/typo` is a local path that does not exist (an error), never a download.
 Everything else is a local path, and a local path that does not exist is an error. `Qwen/Qwen2.5-Math-1.5B-Instruct`
 is a hub id; `./Qwen/x`, `/models/x`, `~/x`, `a/b/c` and `runs/x` (with a local runs/) are not.
 
@@ -23,6 +23,7 @@ from memrl.config import NO_EVAL, Config
 from memrl.errors import CheckpointError, ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
+LOCAL_ROOTS = ("runs", "data", "assets", "checkpoints")  # where this project's own outputs live: never hub owners
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -30,7 +31,8 @@ def is_hub_id(text: str) -> bool:
     """The rule of the module docstring."""
     if not _HUB_ID.match(text) or Path(text).exists():
         return False
-    return not Path(text.split("/", 1)[0]).is_dir()
+    owner = text.split("/", 1)[0]
+    return owner not in LOCAL_ROOTS and not Path(owner).is_dir()
 
 
 def model_source(text: str, key: str = "--model.path") -> Path | str:
@@ -41,8 +43,8 @@ def model_source(text: str, key: str = "--model.path") -> Path | str:
     path = Path(text).expanduser()
     if not path.exists():
         owner = text.split("/", 1)[0]
-        why = (f" ({owner}/ is a local folder, so this is a local path, not a hub id)"
-               if "/" in text and Path(owner).is_dir() else "")
+        why = (f" (a path under {owner}/ is local, never a hub id: memrl/paths.py)"
+               if "/" in text and (Path(owner).is_dir() or owner in LOCAL_ROOTS) else "")
         raise CheckpointError(f"{key}: {text}: no such directory{why}")
     if not path.is_dir():
         raise CheckpointError(f"{key}: {text}: a file; expected a checkpoint directory (config.json + weights)")
