@@ -26,6 +26,27 @@ from data_tools.runner import Outcome, run_resumable
 from memrl.errors import ConfigError, install_error_handler
 
 
+# The longest real problem is 1,733 characters (MATH500; GSM8K: 985). A problem 30x longer is not a math word problem
+# but a broken or hostile input: it is recorded as a failure (too_long) without being read, in constant time. The
+# sharders themselves are linear (data_tools/sentences.py), so the bound is a limit on output, not on run time.
+MAX_PROBLEM_CHARS = 50_000
+
+
+def too_long(problem: Problem, max_chars: int) -> Outcome | None:
+    if len(problem.text) <= max_chars:
+        return None
+    return Outcome(problem.id, reason="too_long", detail=f"{len(problem.text):,} characters > --max-chars {max_chars:,}")
+
+
+def bounded(process, max_chars: int):
+    """`process` for the problems within max_chars, a too_long failure for each other one."""
+    def run(batch: list[Problem]) -> list[Outcome]:
+        refused = [oc for p in batch if (oc := too_long(p, max_chars)) is not None]
+        within = [p for p in batch if len(p.text) <= max_chars]
+        return refused + (process(within) if within else [])
+    return run
+
+
 def episode_for(problem: Problem, question: str, shards: list[str], method: str, unsharded: bool = False) -> dict:
     meta = {**problem.metadata, "method": method}
     if unsharded:
@@ -89,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a problem with nothing to shard besides its question: record a failure (default) "
                         "or keep it as one shard holding the whole problem (metadata.unsharded)")
     p.add_argument("--max-shards", type=count(1), default=35, help="the paper caps episodes at 35 shards")
+    p.add_argument("--max-chars", type=count(1), default=MAX_PROBLEM_CHARS,
+                   help="a longer problem is recorded as a failure (too_long) without being read")
     p.add_argument("--skip-failed", action="store_true", help="do not retry ids in FILE.failures.jsonl")
     p.add_argument("--batch-size", type=count(1), default=None,
                    help="problems per backend round (llm: 16; rule: 256)")
@@ -113,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 def make_backend(args: argparse.Namespace):
     if args.local_model:
         from data_tools.llm_backends import LocalGeneratorBackend
+        from memrl.paths import model_source
+
+        model_source(args.local_model, "--local-model")  # before torch loads: a typo fails at once, never a download
 
         return LocalGeneratorBackend(args.local_model, max_new_tokens=args.max_tokens, device=args.device,
                                      dtype=args.dtype)
@@ -152,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         process = sharder.shard_many
         batch_size = args.batch_size or 16
     try:
-        summary = run_resumable(items, process, args.out, batch_size=batch_size,
+        summary = run_resumable(items, bounded(process, args.max_chars), args.out, batch_size=batch_size,
                                 desc=f"{args.method} {args.dataset}", skip_failed=args.skip_failed)
     finally:
         if backend is not None:

@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "assets" / "synthetic-policy"
-TIMEOUT_S = 120  # a case still running after this is a hang
+TIMEOUT_S = 300  # a case still running after this is a hang (generous: CI machines are slow and shared)
 # a small real run of the default task: what the run-directory fixtures were saved with
 SMALL = ["--train.batch_size=2", "--rollout.group_size=2", "--rollout.memory_cap_tokens=8",
          "--rollout.response_max_tokens=8", "--data.eval_limit=2", "--train.micro_batch_tokens=512",
@@ -94,6 +94,7 @@ class Case:
     place: str  # the error line must contain this
     setup: Callable[[Path, Path], None] | None = None
     env: dict = field(default_factory=dict)
+    succeeds_with: str = ""  # not an error: the run must succeed (exit 0) and print this
 
 
 GOOD_EPISODES = files(**{"eval.jsonl": jsonl(episode(1), episode(2))})
@@ -151,7 +152,7 @@ CASES = [
          copy_fixture("tiny", "ckpt", remove("tokenizer.json"))),
     Case("train-ref-not-there", "train", ["--model.ref_path={w}/nothere", "--algo.kl_coef=0.01"], "nothere"),
     # --- train.py: run directory and --resume
-    Case("train-resume-nothing", "train", [*SMALL, RUN, "--resume"], "run",
+    Case("train-resume-nothing", "train", [*SMALL, RUN, "--train.max_steps=1", "--resume"], "run",
          files(**{"run__metrics.jsonl": '{"step": 1, "kind": "train"}\n'})),
     Case("train-resume-changed-config", "train", [*SMALL, RUN, "--train.max_steps=1", "--resume", "--optim.lr=1e-3"],
          "optim.lr", copy_fixture("run", "run")),
@@ -167,7 +168,7 @@ CASES = [
     Case("eval-checkpoint-config-list", "evaluate", ["--checkpoint={w}/ckpt"], "config.json",
          copy_fixture("tiny", "ckpt", write("config.json", "[]\n"))),
     Case("eval-run-config-list", "evaluate", ["--checkpoint={w}/run"], "run_config.json",
-         copy_fixture("run", "run", write("run_config.json", "[]\n"))),
+         copy_fixture("run", "run", write("checkpoints/step_00000001/run_config.json", "[]\n"))),
     Case("eval-dataset-missing", "evaluate", ["--dataset=x={w}/nope.jsonl"], "nope.jsonl"),
     Case("eval-dataset-syntax", "evaluate", ["--dataset=nope.jsonl"], "--dataset"),
     Case("eval-dataset-bad-json", "evaluate", ["--dataset=x={w}/x.jsonl"], "x.jsonl:2",
@@ -222,6 +223,35 @@ CASES = [
          files(**{"in.jsonl": jsonl(GSM8K_ROW)})),
     Case("shard-missing-input-flag", "shard", ["--dataset", "gsm8k"], "--input"),
 ]
+
+
+def corrupt_newest(root: Path) -> None:
+    """A second checkpoint whose trainer_state.pt is empty, as a disk that filled up mid-save can leave it."""
+    good = root / "checkpoints" / "step_00000001"
+    bad = shutil.copytree(good, root / "checkpoints" / "step_00000002")
+    (bad / "trainer_state.pt").write_bytes(b"")
+
+
+def tear_metrics(root: Path) -> None:
+    with open(root / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "kind": "ev')  # a kill in the middle of a write
+
+
+def huge_problem(work: Path, fx: Path) -> None:
+    """One 5.4 MB GSM8K-style problem: a sharder must refuse or bound it in linear time, never hang."""
+    unit = "Natalia sold 48 clips in April.\n\nShe sold half as many in May. Let \\[ x = 2. "
+    text = unit * (5_400_000 // len(unit)) + "How many clips did she sell?"
+    (work / "in.jsonl").write_text(json.dumps({"question": text, "answer": "#### 72"}) + "\n")
+
+
+# Not errors: what must work (exit 0) where the code used to fail or hang
+BEHAVIOUR = [
+    Case("train-resume-corrupt-latest", "train", [*SMALL, RUN, "--train.max_steps=2", "--resume"], "",
+         copy_fixture("run", "run", corrupt_newest), succeeds_with="skipping checkpoint"),
+    Case("train-resume-torn-metrics", "train", [*SMALL, RUN, "--train.max_steps=2", "--resume"], "",
+         copy_fixture("run", "run", tear_metrics), succeeds_with="dropped a torn last line"),
+    Case("shard-huge-problem", "shard", ["--input", "{w}/in.jsonl"], "", huge_problem, succeeds_with="too_long: 1"),
+]
 SHARD_DEFAULTS = {"--dataset": "gsm8k", "--method": "rule", "--out": "{w}/out.jsonl", "--input": None}
 
 
@@ -247,12 +277,15 @@ def command(case: Case, repo: Path, work: Path, fx: Path) -> list[str]:
     return [sys.executable, str(repo / f"{case.entry}.py"), *args]
 
 
-def judge(returncode: int | None, stderr: str, place: str) -> str:
-    """good | traceback | silent | vague | hang, as issue 15 counts them."""
+def judge(returncode: int | None, stdout: str, stderr: str, case: Case) -> str:
+    """good | traceback | silent | vague | hang (| failed, for a behaviour case), as issue 15 counts them."""
     if returncode is None:
         return "hang"
     if "Traceback (most recent call last)" in stderr:
         return "traceback"
+    if case.succeeds_with:
+        return "good" if returncode == 0 and case.succeeds_with in stdout + stderr else "failed"
+    place = case.place
     if returncode == 0:
         return "silent"
     lines = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
@@ -275,13 +308,18 @@ def run_case(case: Case, repo: Path, root: Path, fx: Path) -> dict:
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as e:
         rc, out, err = None, str(e.stdout or ""), str(e.stderr or "")
-    return {"verdict": judge(rc, err, case.place), "rc": rc, "stdout": out, "stderr": err,
+    return {"verdict": judge(rc, out, err, case), "rc": rc, "stdout": out, "stderr": err,
             "seconds": round(time.time() - t0, 1)}
 
 
-def build_fixtures(fx: Path) -> Path:
+def build_fixtures(fx: Path, repo: Path = REPO) -> Path:
     """fx/tiny: a tiny random checkpoint; fx/run: a run directory of the default task (SMALL settings,
-    max_steps=1) with one complete checkpoint at step 1, as train.py writes it."""
+    max_steps=1) with one complete checkpoint at step 1, as train.py writes it. For another checkout (--repo), its
+    own code writes them, in a subprocess (its config files must be the ones it reads)."""
+    if repo != REPO:
+        subprocess.run([sys.executable, __file__, "--build-fixtures", str(fx), "--repo", str(repo)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, capture_output=True)
+        return fx
     import torch
 
     from memrl import hf_io
@@ -315,9 +353,9 @@ def run_all(cases: list[Case], repo: Path, root: Path, fx: Path) -> dict[str, di
 def results(request, tmp_path_factory) -> dict[str, dict]:
     """Every selected case, run concurrently once."""
     wanted = {item.callspec.params["case"].name for item in request.session.items
-              if getattr(item, "originalname", "") == "test_bad_input" and hasattr(item, "callspec")}
+              if hasattr(item, "callspec") and "case" in item.callspec.params}
     fx = build_fixtures(tmp_path_factory.mktemp("fixtures"))
-    return run_all([c for c in CASES if c.name in wanted], REPO, tmp_path_factory.mktemp("cases"), fx)
+    return run_all([c for c in CASES + BEHAVIOUR if c.name in wanted], REPO, tmp_path_factory.mktemp("cases"), fx)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -325,6 +363,14 @@ def test_bad_input(case: Case, results: dict[str, dict]):
     r = results[case.name]
     assert r["verdict"] == "good", (f"{case.entry} {case.args}: {r['verdict']} (exit {r['rc']}, expected one "
                                     f"'error: ' line naming {case.place!r})\n--- stderr:\n{r['stderr'][-3000:]}")
+
+
+@pytest.mark.parametrize("case", BEHAVIOUR, ids=[c.name for c in BEHAVIOUR])
+def test_what_used_to_fail_now_works(case: Case, results: dict[str, dict]):
+    r = results[case.name]
+    assert r["verdict"] == "good", (f"{case.entry} {case.args}: {r['verdict']} (exit {r['rc']}, expected exit 0 "
+                                    f"and {case.succeeds_with!r})\n--- stdout:\n{r['stdout'][-2000:]}\n"
+                                    f"--- stderr:\n{r['stderr'][-3000:]}")
 
 
 def test_there_are_enough_kinds():
@@ -339,11 +385,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose entry points are run")
     parser.add_argument("--only", default="", help="comma-separated case names")
+    parser.add_argument("--build-fixtures", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_fixtures:  # in a subprocess, with --repo's code first on the path
+        sys.path.insert(0, str(args.repo.resolve()))
+        sys.path.insert(1, str(REPO))
+        build_fixtures(args.build_fixtures)
+        sys.exit(0)
     sys.path.insert(0, str(REPO))
-    picked = [c for c in CASES if not args.only or c.name in args.only.split(",")]
+    picked = [c for c in CASES + BEHAVIOUR if not args.only or c.name in args.only.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        fx = build_fixtures(Path(tmp) / "fixtures")
+        fx = build_fixtures(Path(tmp) / "fixtures", args.repo.resolve())
         t0 = time.time()
         res = run_all(picked, args.repo.resolve(), Path(tmp) / "cases", fx)
         wall = time.time() - t0
