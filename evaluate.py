@@ -441,11 +441,15 @@ def main(argv: list[str]) -> int:
     checkpoints = dict(parse_named(v) for v in own["checkpoint"] or [""])  # a repeated label is evaluated once
 
     # --- every input and output checked before the first model loads
+    from memrl.hf_io import load_config as load_model_config
+
     sources, configs = {}, {}
     for label, name in checkpoints.items():
         label = label or str(SYNTHETIC_POLICY.relative_to(REPO))
         sources[label] = resolve_policy(name, f"--checkpoint={label}")
         configs[label] = checkpoint_config(sources[label], rest)
+        if isinstance(sources[label], Path):  # its config.json (a hub id is fetched when its turn comes)
+            load_model_config(sources[label])
     for name, data_path, _ in datasets:
         check_dataset(f"--dataset={name}", data_path)
     if not datasets:  # each checkpoint's own data.eval_path (else the synthetic task)

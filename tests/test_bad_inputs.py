@@ -373,6 +373,15 @@ def test_what_used_to_fail_now_works(case: Case, results: dict[str, dict]):
                                     f"--- stderr:\n{r['stderr'][-3000:]}")
 
 
+def test_debug_shows_the_traceback(tmp_path):
+    """--debug (or MEMRL_DEBUG=1) keeps Python's traceback for a known error, for a bug report."""
+    for extra, env in ((["--debug"], {}), ([], {"MEMRL_DEBUG": "1"})):
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--optim.lr=inf", *extra], cwd=tmp_path,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+        assert "ConfigError: --optim.lr: must be in (0, 1], got inf" in proc.stderr
+
+
 def test_there_are_enough_kinds():
     assert len({c.name for c in CASES}) == len(CASES) >= 30
     assert {c.entry for c in CASES} == {"train", "evaluate", "shard"}
