@@ -462,7 +462,8 @@ def main(argv: list[str]) -> int:
     for key in ("out", "table", "bar", "trace"):
         if own[key]:
             writable_output(key, own[key])
-    set_cpu_threads(configs[next(iter(configs))].train.cpu_threads)  # torch's default thread count: README
+    if not torch.cuda.is_available():  # one CPU thread unless asked (README, "CPU threads")
+        set_cpu_threads(configs[next(iter(configs))].train.cpu_threads)
 
     from memrl.config import set_value
     from memrl.generate import Generator

@@ -48,11 +48,13 @@ for data_path in (cfg.data.train_path, cfg.data.eval_path):
         load_episodes(data_path)  # the file's structure now; the token limits once the tokenizer is loaded
 is_main_process = int(os.environ.get("RANK", "0")) == 0  # rank 0 alone owns the run directory
 resume_candidates = runs.plan_start(cfg) if is_main_process else []  # the checkpoints to try, newest first
+allowed_changes: list[str] = []  # config changes --resume accepts (run length, cadences, ...), printed once resumed
 if resume_candidates:  # the config may change only what does not change the experiment (memrl/run_dir.py)
     saved, source = runs.saved_config(resume_candidates[0])
-    if saved is None:
+    if saved is not None:
+        allowed_changes = runs.check_resume_config(saved, cfg, source)
+    else:
         print(f"warning: {resume_candidates[0]} has no run_config.json: the config cannot be checked against it")
-    allowed_changes = runs.check_resume_config(saved, cfg, source) if saved is not None else []
 
 import json  # noqa: E402  (the heavy imports come after the checks above, on purpose)
 import math  # noqa: E402
