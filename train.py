@@ -56,14 +56,15 @@ if resume_candidates:  # the config may change only what does not change the exp
     else:
         print(f"warning: {resume_candidates[0]} has no run_config.json: the config cannot be checked against it")
 
-import json  # noqa: E402  (the heavy imports come after the checks above, on purpose)
-import math  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+# ----------------------------------------------------------------------------- the heavy imports, after the checks
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 from tqdm import tqdm
 
 from evaluate import episode_score, eval_episodes, evaluate_policy, resolve_policy

@@ -70,8 +70,8 @@ def set_cpu_threads(requested: int = 0) -> int:
     """torch's intra-op threads for a CPU run: `requested` (train.cpu_threads), else $OMP_NUM_THREADS when the user
     set it, else 1. Why not torch's default (one per core): this project's CPU work is small matrices (the default
     run's policy has 0.6M parameters), where a second thread buys little on an idle machine, and on a shared one
-    every extra thread spins waiting for a core another process holds: measured in the README, a step ran 10x slower
-    with two threads than with one under load. Returns the number set."""
+    every extra thread waits for a core another process holds: under load a default-run step took 5 to 10 times as
+    long with two threads as with one (README, "CPU threads"). Returns the number set."""
     n = requested or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
     torch.set_num_threads(n)
     return n
