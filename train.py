@@ -1,4 +1,4 @@
-"""Memory RL: train a policy to keep a bounded memory while a problem arrives in shards (DESIGN.md §3, the paper §3.2).
+"""Memory RL: train a policy to keep a bounded memory while a problem arrives in shards (DESIGN.md §3; paper §3.2).
 
     python train.py                                        # built-in synthetic task + tiny policy, CPU, minutes
     python train.py --preset=paper-1.5b --data.train_path=gsm8k_train.jsonl --data.eval_path=gsm8k_test.jsonl

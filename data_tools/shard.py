@@ -35,7 +35,8 @@ MAX_PROBLEM_CHARS = 50_000
 def too_long(problem: Problem, max_chars: int) -> Outcome | None:
     if len(problem.text) <= max_chars:
         return None
-    return Outcome(problem.id, reason="too_long", detail=f"{len(problem.text):,} characters > --max-chars {max_chars:,}")
+    return Outcome(problem.id, reason="too_long",
+                   detail=f"{len(problem.text):,} characters > --max-chars {max_chars:,}")
 
 
 def bounded(process, max_chars: int):

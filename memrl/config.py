@@ -85,8 +85,8 @@ class RolloutCfg:
         assert self.group_size >= 1, "rollout.group_size must be >= 1"
         assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
         assert in_range(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE), (
-            f"rollout.temperature: must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (colder samples greedily: no exploration, no "
-            f"advantage; hotter samples noise), got {self.temperature}")
+            f"rollout.temperature: must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (colder samples greedily: no "
+            f"exploration, no advantage; hotter samples noise), got {self.temperature}")
         assert in_range(self.top_p, 0, 1, lo_open=True), f"rollout.top_p: must be in (0, 1], got {self.top_p}"
         assert self.top_k >= 0, "rollout.top_k must be >= 0"
         for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
@@ -141,7 +141,7 @@ class OptimCfg:
                                                                f"{self.grad_clip}"
         assert len(self.betas) == 2 and all(in_range(b, 0, 1, hi_open=True) for b in self.betas), (
             f"optim.betas: must be two values in [0, 1), got {self.betas}")
-        # >= 1e-20 keeps lr·grad_clip/adam_eps, the bound on one AdamW step, far below fp32's limit (memrl/step_guard.py)
+        # >= 1e-20 keeps lr·grad_clip/adam_eps, the bound on one AdamW step, far below fp32's limit (step_guard.py)
         assert in_range(self.adam_eps, 1e-20, 1), f"optim.adam_eps: must be in [1e-20, 1], got {self.adam_eps}"
 
 
@@ -180,7 +180,7 @@ class TrainCfg:
     log_every: int = 1  # steps between metrics.jsonl lines
     device: str = "auto"  # auto = cuda when available, else cpu
     resume: str = field(default="", metadata={"flag": "latest"})  # "" | latest | a checkpoint dir
-    allow_config_change: str = ""  # comma-separated keys --resume may change besides RESUME_MAY_CHANGE (memrl/run_dir.py)
+    allow_config_change: str = ""  # keys (comma-separated) --resume may change beyond run_dir.RESUME_MAY_CHANGE
     max_skipped_steps: int = 3  # stop after this many steps in a row whose update was non-finite (memrl/step_guard.py)
     cpu_threads: int = 0  # torch threads on CPU; 0 = $OMP_NUM_THREADS if set, else 1 (README: why one thread)
 
@@ -473,15 +473,6 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 # ----------------------------------------------------------------------------- rules for a training run
-
-# What --resume may change without --train.allow_config_change: how long the run goes, how often it evaluates,
-# saves and logs, where it lives, what it runs on. None of these changes what a step computes; every other key does
-# (the data, the model, the algorithm, the optimizer, the seed) and would silently make the run another experiment.
-RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_at_start",
-                     "train.save_every", "train.keep_last", "train.log_every", "train.device", "train.run_dir",
-                     "train.resume", "train.allow_config_change", "train.max_skipped_steps", "train.cpu_threads",
-                     "model.gradient_checkpointing")
-
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(section.key, old value, new value) of every field that differs."""

@@ -12,8 +12,8 @@ Starting a run (plan_start), the rules:
   starts from step 0 (nothing is lost, so `--resume` is safe in a restart loop); a directory that holds a run
   (metrics, or only incomplete checkpoints) is an error: never a silent restart from step 0.
 - --resume=DIR: that checkpoint.
-- The config may differ from the checkpoint's own run_config.json only in RESUME_MAY_CHANGE (memrl/config.py: run
-  length, eval / save / log cadence, run_dir, device, threads, gradient checkpointing) and in the keys the user
+- The config may differ from the checkpoint's own run_config.json only in RESUME_MAY_CHANGE (below: run length,
+  eval / save / log cadence, run_dir, device, threads, gradient checkpointing) and in the keys the user
   lists in --train.allow_config_change; any other difference is refused, naming every key with both values.
 Metrics: a last line without its newline is what a kill mid-write leaves: it is dropped with a note. Any other line
 that does not parse is an error naming file:line. Nothing here imports torch.
@@ -25,13 +25,21 @@ import os
 import re
 from pathlib import Path
 
-from memrl.config import RESUME_MAY_CHANGE, RUN_CONFIG_NAME, Config, config_changes, load_config
+from memrl.config import RUN_CONFIG_NAME, Config, config_changes, load_config
 from memrl.errors import CheckpointError, ConfigError, DataError
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# What --resume may change without --train.allow_config_change: how long the run goes, how often it evaluates,
+# saves and logs, where it lives, what it runs on. None of these changes what a step computes; every other key does
+# (the data, the model, the algorithm, the optimizer, the seed) and would silently make the run another experiment.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_at_start",
+                     "train.save_every", "train.keep_last", "train.log_every", "train.device", "train.run_dir",
+                     "train.resume", "train.allow_config_change", "train.max_skipped_steps", "train.cpu_threads",
+                     "model.gradient_checkpointing")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:

@@ -9,13 +9,13 @@ What is checked, and why it is cheap:
    anywhere in the gradient makes the norm NaN, so this one number covers every element. Else: skip.
 2. The step itself cannot overflow when its inputs are finite. AdamW moves a weight by
        Δw = -lr·(wd·w + m̂ / (√v̂ + ε))          (Loshchilov & Hutter, Algorithm 2)
-   where m̂ is an average of past gradients divided by its total weight (Kingma & Ba §2), so |m̂| <= max |g| <= the
-   clip norm, and √v̂ + ε >= ε. Hence |w_new| <= |w| + lr·grad_clip/ε (lr·wd <= 1: the decay only shrinks w). With
-   the config's ranges (memrl/config.py: lr <= 1, grad_clip <= 1e6, ε >= 1e-20) that is |w| + 1e26: the step is
+   where m̂ is a weighted average of past gradients (Kingma & Ba, Algorithm 1 and §3), so |m̂| <= max |g| <= the
+   clip norm, and √v̂ + ε >= ε. Hence |w_new| <= |w| + lr·grad_clip/ε (lr·wd <= 1: the decay only shrinks w).
+   With the config's ranges (memrl/config.py: lr <= 1, grad_clip <= 1e6, ε >= 1e-20) that is |w| + 1e26: the step is
    finite unless a weight is already near fp32's limit (3.4e38). So no copy is needed for an ordinary step.
-3. After the step: one fused max-|w| reduction over the local shards (torch._foreach_norm, ord=inf: a single read
-   of the weights, ~1 ms per GB of weights on an H200), NaN counted as inf, max-reduced over ranks so that every
-   rank takes the same decision. It verifies the step and gives the |w| the next step's bound (2) starts from.
+3. After the step: one fused max-|w| reduction over the local shards (torch._foreach_norm, ord=inf: one
+   memory-bound read of this rank's weights, small next to the step's own reads of weights, moments and grads),
+   NaN counted as inf, max-reduced over ranks so that every rank takes the same decision. It verifies the step and gives the |w| the next step's bound (2) starts from.
 4. Only when (2) cannot rule out an overflow (|w| + lr·grad_clip/ε > 1e37) is a copy of the weights and the AdamW
    state taken before the step; if (3) then finds a non-finite weight, the copy is put back: the step is undone
    and reported as skipped. A failure of (3) without a copy means the arithmetic above was broken (a bug or a
@@ -53,9 +53,10 @@ class StepGuard:
     @torch.no_grad()
     def weights_max_abs(self) -> float:
         """max |w| over every weight of every rank; inf when any weight is inf or nan."""
-        local = [_local(p) for p in self.params]
-        local = [t for t in local if t.numel()]
-        m = torch.stack(torch._foreach_norm(local, ord=math.inf)).max() if local else torch.zeros((), device=self.device)
+        local = [t for t in (_local(p) for p in self.params) if t.numel()]  # an FSDP rank may hold no part of one
+        m = torch.zeros((), device=self.device)  # a rank holding nothing still takes part in the all-reduce
+        if local:
+            m = torch.stack(torch._foreach_norm(local, ord=math.inf)).max()
         m = torch.nan_to_num(m.float(), nan=math.inf, posinf=math.inf)  # NaN loses every comparison; inf wins max
         return float(all_reduce_max(m.to(self.device)).item())
 

@@ -95,6 +95,7 @@ class Case:
     setup: Callable[[Path, Path], None] | None = None
     env: dict = field(default_factory=dict)
     succeeds_with: str = ""  # not an error: the run must succeed (exit 0) and print this
+    too_late_if: str = ""  # output that shows the error came after work it should have preceded
 
 
 GOOD_EPISODES = files(**{"eval.jsonl": jsonl(episode(1), episode(2))})
@@ -164,7 +165,7 @@ CASES = [
     Case("eval-checkpoint-empty-dir", "evaluate", ["--checkpoint={w}/empty"], "empty",
          files(**{"empty__notes.txt": "x"})),
     Case("eval-second-checkpoint-missing", "evaluate", [f"--checkpoint=a={POLICY}", "--checkpoint=b={w}/missing"],
-         "missing"),
+         "missing", too_late_if="a on "),  # checked before checkpoint a is evaluated
     Case("eval-checkpoint-config-list", "evaluate", ["--checkpoint={w}/ckpt"], "config.json",
          copy_fixture("tiny", "ckpt", write("config.json", "[]\n"))),
     Case("eval-run-config-list", "evaluate", ["--checkpoint={w}/run"], "run_config.json",
@@ -278,7 +279,7 @@ def command(case: Case, repo: Path, work: Path, fx: Path) -> list[str]:
 
 
 def judge(returncode: int | None, stdout: str, stderr: str, case: Case) -> str:
-    """good | traceback | silent | vague | hang (| failed, for a behaviour case), as issue 15 counts them."""
+    """good | traceback | silent | vague | late | hang (| failed, for a behaviour case), as issue 15 counts them."""
     if returncode is None:
         return "hang"
     if "Traceback (most recent call last)" in stderr:
@@ -289,6 +290,8 @@ def judge(returncode: int | None, stdout: str, stderr: str, case: Case) -> str:
     if returncode == 0:
         return "silent"
     lines = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+    if case.too_late_if and case.too_late_if in stdout + stderr:
+        return "late"
     return "good" if len(lines) == 1 and place in lines[0] else "vague"
 
 
