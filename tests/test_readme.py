@@ -56,3 +56,16 @@ def test_file_tree_names_every_source_file():
         if not re.search(rf"(^|[\s/]){re.escape(name)}(\s|$)", block, re.M):
             missing.append(f)
     assert not missing, f"README file tree lacks: {missing}"
+
+
+def test_every_design_citation_points_to_a_section_of_design_md():
+    sections = set(re.findall(r"^## (\d+)\. ", (ROOT / "DESIGN.md").read_text(), re.M))
+    cited = {}
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for f in out.splitlines():
+        if f.endswith((".py", ".md")) and f not in ("DESIGN.md", "BENCHMARKS.md"):
+            for m in re.finditer(r"DESIGN(?:\.md)? §(\d+)", (ROOT / f).read_text(encoding="utf-8")):
+                cited.setdefault(m.group(1), []).append(f)
+    assert cited, "no citation found: the pattern is wrong"
+    missing = {n: files for n, files in cited.items() if n not in sections}
+    assert not missing, f"DESIGN.md has no section for {missing}"
