@@ -72,6 +72,8 @@ def _report(kind, exc, tb) -> None:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank reports: say which one
     prefix = f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
+    if sys.stderr.isatty():  # a progress bar may hold the cursor at the end of its line
+        sys.stderr.write("\n")
     print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
 
 
