@@ -1,4 +1,4 @@
-"""Evaluate checkpoints under the three conditions on one or several datasets; plot training curves (DESIGN §9).
+"""Evaluate checkpoints under the three conditions on one or several datasets; plot training curves (DESIGN.md §9).
 
     python evaluate.py --checkpoint=assets/synthetic-policy                    # the built-in task's held-out split
     python evaluate.py --checkpoint=base=PATH --checkpoint=trained=runs/paper-1.5b --preset=paper-1.5b \\
@@ -9,8 +9,10 @@
         --data.noise_path=../shared/data/wikitext2/wiki.test.raw --data.eval_noise_shards=2
     python evaluate.py --plot runs/default/metrics.jsonl                        # -> runs/default/metrics.png
 
-A checkpoint is a Hugging Face directory (config.json + safetensors + tokenizer), or a train.py run directory (its
-newest checkpoint); `--checkpoint=LABEL=PATH` names it in the table. A dataset is an episode JSONL (data_tools'
+A checkpoint is a Hugging Face directory (config.json + safetensors + tokenizer), a train.py run directory (its
+newest checkpoint), or a hub id (memrl/paths.py: the rule; a local path that does not exist is an error, never a
+download); `--checkpoint=LABEL=PATH` names it in the table. Every checkpoint, dataset and output path is checked
+before the first model loads, so a typo in the last one does not cost the evaluation of the first. A dataset is an episode JSONL (data_tools'
 output), or a raw long-document QA file (LongBench or L-Eval JSONL) that is chunked here with data_tools.chunk_docs'
 defaults; `--dataset=NAME=PATH` (repeatable), or `--dataset=NAME:KIND=PATH` to set the reward kind of episodes
 whose metadata does not say (else data.reward_kind). Without --dataset: data.eval_path, else the synthetic task.
@@ -32,6 +34,8 @@ Score: memrl.reward.score against every reference (metadata.answers): exact matc
 qa_f1_score for qa. "accuracy" in the output is the mean score (F1 for QA). The LiC drop is single-turn minus each
 multi-turn condition. Output: a markdown table (stdout, --table), JSON with per-condition scores, LiC drops and
 every episode's final answer and score (--out), a bar plot per dataset (--bar), every prompt and response (--trace).
+Progress (stderr): one bar per checkpoint x dataset, naming both, the condition and n. Bad input is one `error: `
+line (memrl/errors.py; --debug for the traceback).
 """
 from __future__ import annotations
 
@@ -44,12 +48,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from memrl import synthetic
-from memrl.checkpoint import latest_checkpoint
-from memrl.config import RUN_CONFIG_NAME, Config, apply_overrides, load_config, parse_cli
-from memrl.episodes import Episode, load_episodes, validate_record
+from memrl.config import NO_EVAL, RUN_CONFIG_NAME, Config, apply_overrides, load_config, parse_cli
+from memrl.episodes import Episode, is_raw_documents, load_episodes, validate_record
+from memrl.errors import ConfigError, DataError, install_error_handler
+from memrl.distributed import set_cpu_threads
+from memrl.paths import model_source, writable_output
 from memrl.reward import score
+from memrl.run_dir import read_metrics as read_metrics_rows
 from memrl.rollout import CONDITIONS, Sampling, decode_response, derive_seed, rollout, with_noise
 
 DEFAULT_CONDITIONS = ("single_turn", "full_history", "memory")  # the paper's evaluation conditions (§4)
@@ -63,17 +71,12 @@ SYNTHETIC_EVAL_SIZE = 256  # held-out coin-sum problems (standard error of an ac
 
 # ----------------------------------------------------------------------------- pieces train.py shares
 
-def resolve_policy(path: str) -> Path:
-    """"" -> the built-in synthetic policy; a run directory -> its newest checkpoint; else the directory itself."""
+def resolve_policy(path: str, key: str = "--model.path") -> Path | str:
+    """"" -> the built-in synthetic policy; a run directory -> its newest checkpoint; a checkpoint directory itself;
+    a hub id as is (memrl/paths.py: the rule). CheckpointError naming `key` for anything else."""
     if not path:
         return SYNTHETIC_POLICY
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file():
-        ckpt = latest_checkpoint(p)
-        if ckpt is None:
-            raise FileNotFoundError(f"{p}: neither a checkpoint (no config.json) nor a run directory with checkpoints")
-        return ckpt
-    return p
+    return model_source(path, key)
 
 
 def eval_episodes(cfg: Config, tokenizer: Tokenizer | None = None, path: str = "",
@@ -83,6 +86,8 @@ def eval_episodes(cfg: Config, tokenizer: Tokenizer | None = None, path: str = "
     data.eval_noise_shards > 0. limits: enforce data.max_shards / max_shard_tokens (training does; evaluate.py
     scores every episode of the file)."""
     path = path or cfg.data.eval_path
+    if path == NO_EVAL:
+        raise ConfigError(f"--data.eval_path={NO_EVAL}: no evaluation set; give one (--dataset=NAME=PATH)")
     if path and is_raw_documents(path):
         episodes = chunk_raw_documents(path, cfg.data.eval_limit)
     elif path:
@@ -109,7 +114,8 @@ def episode_score(text: str, episode: Episode, default_kind: str) -> float:
 @torch.no_grad()
 def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cfg: Config,
                     conditions=("memory",), batch_size: int = 256, window: int | None = None,
-                    trace: list | None = None, samples: int = 0) -> dict[str, dict]:
+                    trace: list | None = None, samples: int = 0, desc: str = "eval",
+                    progress: bool = True) -> dict[str, dict]:
     """Greedy score per condition: {condition: {"accuracy" (mean score), "n", "memory_tokens", "answer_tokens",
     "truncated_prompts", "episodes": [{"id", "condition", "score", "final_text", "finish_reason", ...}]}}.
 
@@ -120,16 +126,19 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
     the asked facts its final memories hold (memrl.synthetic.facts_kept), the graded quantity behind the accuracy;
     "facts_asked" is that share's denominator for one trajectory per episode.
     window: fit prompts to this context window (FitToWindow); trace: a list to append every turn to (prompt and
-    response text, as built, before any cut)."""
+    response text, as built, before any cut); desc: what is evaluated, for the progress bar (stderr) that counts
+    episodes and shows the turn being generated."""
     templates = Templates.from_config(cfg.rollout)
     greedy = Sampling.from_config(cfg.rollout, greedy=True)
-    if window is not None:
-        generator = FitToWindow(generator, window)
+    bar = tqdm(total=len(episodes) * len(conditions), desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress, leave=False)
+    generator = TurnTicker(FitToWindow(generator, window) if window is not None else generator, bar)
     synthetic_task = hasattr(synthetic, "facts_kept") and all(ep.metadata.get("source") == synthetic.SOURCE
                                                               for ep in episodes)
     out = {}
     for condition in conditions:
-        records, mem_tokens, ans_tokens, cut_before = [], [], [], getattr(generator, "cut", 0)
+        bar.set_description(f"{desc} ({condition}, n={len(episodes)})")
+        records, mem_tokens, ans_tokens, cut_before = [], [], [], generator.cut
         kept = [0, 0]  # asked facts held by the final memories, asked facts (synthetic task, memory condition)
         for i in range(0, len(episodes), batch_size):
             res = rollout(generator, tokenizer, episodes[i: i + batch_size], condition, 1, templates, greedy,
@@ -150,15 +159,17 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
                 trace += [{"condition": condition, "id": res.trajectories[r.trajectory_id].episode.id,
                            "turn": r.turn_index, "kind": r.kind, "prompt": tokenizer.decode(r.prompt_ids),
                            "response": decode_response(tokenizer, r.response_ids, r.prompt_ids)} for r in res.records]
+            bar.update(len(res.trajectories))
         out[condition] = {"accuracy": sum(r["score"] for r in records) / len(records), "n": len(records),
                           "memory_tokens": sum(mem_tokens) / max(len(mem_tokens), 1),
                           "answer_tokens": sum(ans_tokens) / max(len(ans_tokens), 1),
-                          "truncated_prompts": getattr(generator, "cut", 0) - cut_before, "episodes": records}
+                          "truncated_prompts": generator.cut - cut_before, "episodes": records}
         if kept[1]:
             out[condition].update(facts_kept=kept[0] / kept[1], facts_asked=kept[1])
         if samples:
             out[condition].update(sampled_scores(generator, tokenizer, episodes, cfg, condition, samples, batch_size,
                                                  synthetic_task))
+    bar.close()
     return out
 
 
@@ -191,6 +202,33 @@ def lic_drop(acc: dict[str, dict]) -> dict[str, float]:
     return {c: acc["single_turn"]["accuracy"] - acc[c]["accuracy"] for c in CONDITIONS[1:] if c in acc}
 
 
+class TurnTicker:
+    """A generator that shows on the progress bar which turn of a batch it is generating (one generate() call per
+    turn: memrl/rollout.py), so a long evaluation is visibly moving between the bar's per-batch updates."""
+
+    def __init__(self, generator, bar):
+        self.generator, self.bar, self.turns = generator, bar, 0
+
+    def __getattr__(self, name):  # the wrapped generator's window, cfg, ... (rollout reads them)
+        return getattr(self.generator, name)
+
+    @property
+    def cut(self) -> int:
+        return getattr(self.generator, "cut", 0)
+
+    @property
+    def last_stats(self) -> dict:
+        return self.generator.last_stats
+
+    def generate(self, prompts, params, **kwargs):  # kwargs: KV continuation (the conversation condition)
+        self.turns += 1
+        self.bar.set_postfix_str(f"turn {self.turns}, {len(prompts)} prompts", refresh=True)
+        return self.generator.generate(prompts, params, **kwargs)
+
+    def free(self, handles) -> None:
+        self.generator.free(handles)
+
+
 class FitToWindow:
     """A generator whose prompts are cut in the middle to fit `window` minus the request's answer budget: the first
     and last halves are kept (LongBench pred.py), so the question, the template's head and the answer cue survive."""
@@ -211,7 +249,9 @@ class FitToWindow:
         fitted = []
         for ids, p in zip(prompts, plist):
             keep = self.window - p.max_new_tokens
-            assert keep >= 2, f"the answer budget {p.max_new_tokens} leaves no room in a window of {self.window}"
+            if keep < 2:
+                raise ConfigError(f"--rollout.response_max_tokens / memory_cap_tokens: a budget of {p.max_new_tokens} "
+                                  f"tokens leaves no room for the prompt in the model's window of {self.window}")
             if len(ids) > keep:
                 ids = ids[: keep // 2] + ids[len(ids) - (keep - keep // 2):]
                 self.cut += 1
@@ -224,17 +264,6 @@ class FitToWindow:
 
 # ----------------------------------------------------------------------------- raw long-document QA
 
-def is_raw_documents(path: str | Path) -> bool:
-    """True for a LongBench / L-Eval JSONL (its first record has no "shards"), False for an episode file."""
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
-    try:
-        obj = json.loads(first)
-    except json.JSONDecodeError:
-        return False  # load_episodes reports it with its line number
-    return isinstance(obj, dict) and "shards" not in obj and ("context" in obj or "instructions" in obj)
-
-
 def chunk_raw_documents(path: str | Path, limit: int = 0) -> list[Episode]:
     """LongBench / L-Eval questions (the first `limit`, 0 = all) chunked exactly as `python -m data_tools.chunk_docs
     --input PATH` does by default (regex token count, 12 shards per document)."""
@@ -244,8 +273,8 @@ def chunk_raw_documents(path: str | Path, limit: int = 0) -> list[Episode]:
     outcomes = make_processor(TokenCounter())(questions[: limit or None])
     failed = [f"{o.id}: {o.reason} {o.detail}" for o in outcomes if o.episode is None]
     if failed:
-        raise ValueError(f"{path}: {len(failed)} question(s) could not be chunked (python -m data_tools.chunk_docs "
-                         f"records them and goes on):\n" + "\n".join(failed[:10]))
+        raise DataError(f"{path}: {len(failed)} question(s) could not be chunked (python -m data_tools.chunk_docs "
+                        f"records them and goes on)", details=failed[:10])
     episodes = []
     for o in outcomes:
         problems = validate_record(o.episode)
@@ -257,7 +286,8 @@ def chunk_raw_documents(path: str | Path, limit: int = 0) -> list[Episode]:
 # ----------------------------------------------------------------------------- plots
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a torn last line (a run being written, or killed mid-line) is left out."""
+    return read_metrics_rows(path)[0]
 
 
 def plot_metrics(path: str | Path, out: str | Path | None = None) -> Path:
@@ -420,24 +450,35 @@ def parse_dataset(value: str) -> tuple[str, str, str | None]:
     name, sep, path = value.partition("=")
     name, _, kind = name.partition(":")
     if not sep or not name or not path or kind not in ("", "gsm8k", "math", "qa"):
-        raise ValueError(f"--dataset={value}: expected NAME=PATH or NAME:KIND=PATH (KIND gsm8k|math|qa)")
+        raise ConfigError(f"--dataset={value}: expected NAME=PATH or NAME:KIND=PATH (KIND gsm8k|math|qa)")
     return name, path, kind or None
 
 
-def checkpoint_config(path: Path, overrides: list[str]) -> Config:
+def checkpoint_config(path: Path | str, overrides: list[str]) -> Config:
     """The run's own settings (templates, caps) when it has them, else the preset; the command line's on top."""
-    if (path / RUN_CONFIG_NAME).is_file():
-        return apply_overrides(load_config(path / RUN_CONFIG_NAME), [a for a in overrides
-                                                                     if not a.startswith("--preset=")])
+    if (Path(path) / RUN_CONFIG_NAME).is_file():
+        return apply_overrides(load_config(Path(path) / RUN_CONFIG_NAME), [a for a in overrides
+                                                                           if not a.startswith("--preset=")])
     return parse_cli(overrides)
 
 
+def check_dataset(key: str, path: str) -> None:
+    """An evaluation file exists and, when it is an episode file, parses (before any model is loaded)."""
+    if not Path(path).is_file():
+        raise DataError(f"{key}: {path}: {'a directory' if Path(path).is_dir() else 'no such file'}")
+    if not is_raw_documents(path):
+        load_episodes(path)
+
+
 def main(argv: list[str]) -> int:
+    """Errors the user can fix propagate as memrl.errors.MemrlError; `python evaluate.py` prints them as one line."""
     if any(a in ("-h", "--help") for a in argv):
         print(HELP)
         return 0
     if "--plot" in argv or any(a.startswith("--plot=") for a in argv):
         i = next(i for i, a in enumerate(argv) if a.startswith("--plot"))
+        if "=" not in argv[i] and i + 1 == len(argv):
+            raise ConfigError("--plot: needs the metrics.jsonl to plot (--plot PATH)")
         path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
         out = next((a.split("=", 1)[1] for a in argv if a.startswith("--plot_out=")), None)
         print(f"wrote {plot_metrics(path, out)}")
@@ -456,16 +497,37 @@ def main(argv: list[str]) -> int:
             rest.append(a)
     conditions = [c for c in own["conditions"].split(",") if c]
     bad = [c for c in conditions if c not in CONDITIONS]
-    if bad:
-        print(f"error: unknown condition(s) {bad}; choose from {CONDITIONS}", file=sys.stderr)
-        return 2
-    try:
-        datasets = [parse_dataset(v) for v in own["dataset"]]
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if bad or not conditions:
+        raise ConfigError(f"--conditions: unknown condition(s) {bad}; choose from {CONDITIONS}")
+    if not own["batch_size"].isdigit() or int(own["batch_size"]) < 1:
+        raise ConfigError(f"--batch_size: expected a positive integer, got {own['batch_size']!r}")
+    datasets = [parse_dataset(v) for v in own["dataset"]]
     checkpoints = dict(parse_named(v) for v in own["checkpoint"] or [""])  # a repeated label is evaluated once
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    # --- every input and output checked before the first model loads
+    from memrl.hf_io import load_config as load_model_config
+
+    sources, configs = {}, {}
+    for label, name in checkpoints.items():
+        label = label or str(SYNTHETIC_POLICY.relative_to(REPO))
+        sources[label] = resolve_policy(name, f"--checkpoint={label}")
+        configs[label] = checkpoint_config(sources[label], rest)
+        if isinstance(sources[label], Path):  # its config.json (a hub id is fetched when its turn comes)
+            load_model_config(sources[label])
+    for name, data_path, _ in datasets:
+        check_dataset(f"--dataset={name}", data_path)
+    if not datasets:  # each checkpoint's own data.eval_path (else the synthetic task)
+        for label, cfg in configs.items():
+            if cfg.data.eval_path == NO_EVAL:
+                raise ConfigError(f"--checkpoint={label}: its data.eval_path is {NO_EVAL}; say what to evaluate "
+                                  f"with --dataset=NAME=PATH")
+            if cfg.data.eval_path:
+                check_dataset(f"data.eval_path of {label}", cfg.data.eval_path)
+    for key in ("out", "table", "bar", "trace"):
+        if own[key]:
+            writable_output(key, own[key])
+    if not torch.cuda.is_available():  # one CPU thread unless asked (README, "CPU threads")
+        set_cpu_threads(configs[next(iter(configs))].train.cpu_threads)
 
     from memrl.config import set_value
     from memrl.generate import Generator
@@ -475,10 +537,8 @@ def main(argv: list[str]) -> int:
     about = {"checkpoints": {}, "datasets": {}, "conditions": conditions}
     trace: list[dict] = []
     loaded: dict[tuple, list[Episode]] = {}  # a file read (or chunked) once for every checkpoint with its settings
-    for label, name in checkpoints.items():
-        label = label or str(SYNTHETIC_POLICY.relative_to(REPO))
-        path = resolve_policy(name)
-        cfg = checkpoint_config(path, rest)
+    for label, path in sources.items():
+        cfg = configs[label]
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_model(path, dtype=getattr(torch, cfg.model.dtype),
                            device="cuda" if torch.cuda.is_available() else "cpu").eval()
@@ -500,7 +560,8 @@ def main(argv: list[str]) -> int:
             t0 = time.time()
             turns: list[dict] | None = [] if own["trace"] else None
             acc = evaluate_policy(generator, tokenizer, episodes, dcfg, conditions, int(own["batch_size"]),
-                                  window=model.config.max_position_embeddings, trace=turns)
+                                  window=model.config.max_position_embeddings, trace=turns,
+                                  desc=f"{label} on {dataset}")
             trace += [{"checkpoint": label, "dataset": dataset, **t} for t in turns or []]
             results.setdefault(dataset, {})[label] = {"conditions": acc, "lic_drop": lic_drop(acc),
                                                       "seconds": round(time.time() - t0, 1)}
@@ -528,4 +589,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(install_error_handler(sys.argv[1:])))

@@ -25,8 +25,9 @@ setup(
         "matplotlib",  # training-curve and evaluation plots
     ],
     extras_require={
-        "test": ["pytest>=7"],
         # scripts/gguf_to_hf.py: transformers reads GGUF files (the real models of ../shared/REAL_MODEL.md) with these
         "gguf": ["gguf>=0.10", "accelerate"],
+        # the tests convert SmolLM2's GGUF for the real-model tier (tests/test_real_model.py), hence gguf's needs too
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate"],
     },
 )

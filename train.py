@@ -1,9 +1,9 @@
-"""Memory RL: train a policy to keep a bounded memory while a problem arrives in shards (DESIGN §3, the paper §3.2).
+"""Memory RL: train a policy to keep a bounded memory while a problem arrives in shards (DESIGN.md §3; paper §3.2).
 
     python train.py                                        # built-in synthetic task + tiny policy, CPU, minutes
-    python train.py --preset=paper-1.5b --data.train_path=gsm8k_train.episodes.jsonl
+    python train.py --preset=paper-1.5b --data.train_path=gsm8k_train.jsonl --data.eval_path=gsm8k_test.jsonl
     python train.py --train.max_steps=20 --rollout.group_size=4   # any --section.key=value of memrl/config.py
-    python train.py --resume                               # continue train.run_dir from its newest checkpoint
+    python train.py --resume                               # continue train.run_dir from its newest intact checkpoint
     python train.py --help                                 # every config key with its current value
     torchrun --nproc_per_node 8 train.py --preset=paper-1.5b ...   # FSDP2 over 8 GPUs (README: multi-node too)
 
@@ -21,12 +21,46 @@ Several processes (torchrun, memrl/distributed.py): the weights are FSDP2-sharde
 slice of each step's problems (all G samples of a problem on one rank, so group advantages stay local) with the
 weights gathered once per step, trains on its slice, and the token-mean, the gradient norm and every logged number
 are global (summed / maxed over ranks). Rank 0 alone writes metrics, config and checkpoints.
+Bad input: every error the user can fix (config, paths, data, model, checkpoint) is one `error: ` line naming the
+place (memrl/errors.py; --debug or MEMRL_DEBUG=1 for the traceback). The config, the paths, the episode files and
+the run directory are checked before torch is even imported: a typo costs a second, not a model load. A run
+directory is never silently restarted or continued with another experiment's config (memrl/run_dir.py); a step is
+never applied with non-finite values (memrl/step_guard.py).
 """
+# ----------------------------------------------------------------------------- config and inputs, before torch
+import os
+import sys
+
+from memrl import run_dir as runs
+from memrl.config import NO_EVAL, RUN_CONFIG_NAME, check_for_training, describe, parse_cli, save_config
+from memrl.episodes import is_raw_documents, load_episodes
+from memrl.errors import install_error_handler
+from memrl.paths import check_input_paths
+
+argv = install_error_handler(sys.argv[1:])  # known errors -> one line; strips --debug
+cfg = parse_cli([a for a in argv if a not in ("-h", "--help")])
+if "-h" in argv or "--help" in argv:
+    print(__doc__ + "\nConfig (preset " + cfg.preset + ", after overrides):\n" + describe(cfg))
+    sys.exit(0)
+check_for_training(cfg)  # e.g. an eval set of the same task as the training data
+check_input_paths(cfg)  # every path exists; a local path is never taken for a hub id (memrl/paths.py)
+for data_path in (cfg.data.train_path, cfg.data.eval_path):
+    if data_path and data_path != NO_EVAL and not is_raw_documents(data_path):
+        load_episodes(data_path)  # the file's structure now; the token limits once the tokenizer is loaded
+is_main_process = int(os.environ.get("RANK", "0")) == 0  # rank 0 alone owns the run directory
+resume_candidates = runs.plan_start(cfg) if is_main_process else []  # the checkpoints to try, newest first
+allowed_changes: list[str] = []  # config changes --resume accepts (run length, cadences, ...), printed once resumed
+if resume_candidates:  # the config may change only what does not change the experiment (memrl/run_dir.py)
+    saved, source = runs.saved_config(resume_candidates[0])
+    if saved is not None:
+        allowed_changes = runs.check_resume_config(saved, cfg, source)
+    else:
+        print(f"warning: {resume_candidates[0]} has no run_config.json: the config cannot be checked against it")
+
+# ----------------------------------------------------------------------------- the heavy imports, after the checks
 import json
 import math
-import os
 import random
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -38,33 +72,26 @@ from evaluate import episode_score, eval_episodes, evaluate_policy, resolve_poli
 from memrl import synthetic
 from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
                         pack_turns, policy_loss, response_logprobs)
-from memrl.minibatch import split_by_problem
-from memrl.rollout_correction import METRIC_SUMS, mismatch_metrics, rollout_correction
-from memrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from memrl.checkpoint import load_first_intact, save_checkpoint
 from memrl.compile import COMPILE_STATS, compile_blocks
-from memrl.config import RUN_CONFIG_NAME, ConfigError, describe, parse_cli, save_config
 from memrl.distributed import (all_reduce_max, all_reduce_sum, broadcast_object, clip_grad_norm, gathered_for_rollout,
-                               init_distributed, is_sharded, max_over_ranks, print0, rollout_view, shard_model,
-                               shutdown, sum_over_ranks)
-from memrl.episodes import Episode, load_episodes
+                               init_distributed, is_sharded, max_over_ranks, print0, rollout_view, set_cpu_threads,
+                               shard_model, shutdown, sum_over_ranks)
+from memrl.episodes import Episode
+from memrl.errors import CheckpointError, ConfigError
 from memrl.generate import Generator
 from memrl.hf_io import load_model, resolve_checkpoint
+from memrl.minibatch import split_by_problem
 from memrl.rollout import Sampling, concat, derive_seed, rollout
+from memrl.rollout_correction import METRIC_SUMS, mismatch_metrics, rollout_correction
+from memrl.step_guard import StepGuard
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
 from memrl.trackers import make_tracker
 
 SYNTHETIC_TRAIN_SIZE = 2048  # distinct coin-sum training problems; the default run sees a few hundred
 
-# ----------------------------------------------------------------------------- config
-argv = sys.argv[1:]
-try:
-    cfg = parse_cli([a for a in argv if a not in ("-h", "--help")])
-except ConfigError as e:
-    sys.exit(f"error: {e}")
-if "-h" in argv or "--help" in argv:
-    print(__doc__ + "\nConfig (preset " + cfg.preset + ", after overrides):\n" + describe(cfg))
-    sys.exit(0)
+# ----------------------------------------------------------------------------- processes, devices
 dtype = getattr(torch, cfg.model.dtype)  # the COMPUTE dtype; the trained (master) weights are fp32 under FSDP
 # FSDP2 whenever there are several processes or a low-precision compute dtype: its mixed precision keeps fp32 master
 # weights (AdamW at lr 1e-6 would round nearly every bf16 update away) under a bf16 compute copy. One bf16 process
@@ -73,14 +100,13 @@ fsdp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or dtype != torch.float32
 dist_info = init_distributed(cfg.train.device, single_rank_group=fsdp)  # rank / world size / device (torchrun's env)
 rank, world = dist_info.rank, dist_info.world_size
 if cfg.train.batch_size % world:
-    sys.exit(f"error: train.batch_size={cfg.train.batch_size} is not divisible by the {world} processes: each rank "
-             f"rolls out an equal slice of the step's problems")
+    raise ConfigError(f"--train.batch_size: {cfg.train.batch_size} is not divisible by the {world} processes: each "
+                      f"rank rolls out an equal slice of the step's problems")
 per_rank = cfg.train.batch_size // world  # problems this rank rolls out and trains on per step
 device = dist_info.device
+threads = set_cpu_threads(cfg.train.cpu_threads) if device.type == "cpu" else None  # see the README: why one
 run_dir = Path(cfg.train.run_dir)
 run_dir.mkdir(parents=True, exist_ok=True)
-if dist_info.is_main:
-    save_config(cfg, run_dir / RUN_CONFIG_NAME)
 torch.manual_seed(cfg.train.seed)
 
 
@@ -122,8 +148,12 @@ with gathered_for_rollout(policy, rollout_model) as gen_model:
                           compile_prefill=cfg.rollout.compile == "all")  # generates with the live policy weights
 templates = Templates.from_config(cfg.rollout)
 sampling = Sampling.from_config(cfg.rollout)
+if tokenizer.vocab_size > policy.config.vocab_size:  # an id past the embedding would index out of range
+    raise CheckpointError(f"{policy_path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only "
+                          f"{policy.config.vocab_size} rows: they do not belong together")
 print0(f"policy {policy_path} ({policy.num_params() / 1e6:.2f}M params, {cfg.model.dtype} compute, {device}"
-       f"{f', FSDP2 over {world} process(es), fp32 masters' if fsdp else ''}); "
+       f"{f', FSDP2 over {world} process(es), fp32 masters' if fsdp else ''}"
+       f"{f', {threads} CPU thread(s)' if threads else ''}); "
        f"reference: {'yes' if ref is not None else 'none (kl_coef = 0)'}")
 
 # ----------------------------------------------------------------------------- data
@@ -139,7 +169,8 @@ if cfg.data.noise_variant != "sharded":  # paper §3.1 training variants, built 
     passages = load_passages(cfg.data.noise_path)
     train_set = [Episode(**{k: v for k, v in make_variant(ep.to_json(), cfg.data.noise_variant, passages,
                                                           seed=cfg.train.seed).items()}) for ep in train_set]
-eval_set = eval_episodes(cfg, tokenizer)
+eval_set = [] if cfg.data.eval_path == NO_EVAL else eval_episodes(cfg, tokenizer)
+eval_name = cfg.data.eval_path or "synthetic:coin-tally/eval"
 steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
 max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 print0(f"data: {len(train_set)} training problems, {len(eval_set)} held-out; {max_steps} steps of "
@@ -178,18 +209,23 @@ optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.op
 warmup = cfg.optim.warmup_steps  # linear warmup to lr, then constant (paper A.1)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 start_step, cursor = 0, 0
-# rank 0 reads the checkpoint (the other nodes need no shared filesystem) and the state arrives by broadcast
-resume_from = broadcast_object(resolve_resume(run_dir, cfg.train.resume) if dist_info.is_main else None)
-if resume_from is not None:
-    state = load_checkpoint(resume_from, policy, optimizer, scheduler)  # refuses another world size
+# rank 0 reads the checkpoint (the other nodes need no shared filesystem) and the state arrives by broadcast; the
+# newest checkpoint that reads back intact wins, each corrupt one is reported and skipped (memrl/checkpoint.py)
+resume_candidates = broadcast_object(resume_candidates)
+metrics_path = run_dir / runs.METRICS_FILE
+if resume_candidates:
+    resume_from, state = load_first_intact(resume_candidates, policy, optimizer, scheduler, report=say)
+    if resume_from != resume_candidates[0] and state.get("config") is not None:  # fell back: check its config too
+        allowed_changes = runs.check_resume_config(state["config"], cfg, resume_from / RUN_CONFIG_NAME)
     start_step, cursor = state["step"], state["data"]["cursor"]
-    print0(f"resumed from {resume_from} at step {start_step}")
+    print0(f"resumed from {resume_from} at step {start_step}" + "".join(f"\n  changed: {c}" for c in allowed_changes))
+    if dist_info.is_main and runs.keep_metrics_up_to(metrics_path, start_step):  # the history of this checkpoint
+        print0(f"{metrics_path}: dropped a torn last line (the previous run was killed while writing it)")
 elif cfg.train.resume:
-    print0(f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
-metrics_path = run_dir / "metrics.jsonl"
-if metrics_path.exists() and dist_info.is_main:  # keep the history up to the resumed step; a fresh run starts anew
-    kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-    metrics_path.write_text("".join(ln + "\n" for ln in kept) if start_step else "")
+    print0(f"--resume: {run_dir} holds no run yet: starting at step 0")
+if dist_info.is_main:  # written once the checks passed: a refused command leaves the run directory as it was
+    save_config(cfg, run_dir / RUN_CONFIG_NAME)
+guard = StepGuard(policy, optimizer, cfg.optim, cfg.train.max_skipped_steps)  # memrl/step_guard.py
 
 
 tracker = make_tracker(cfg.train.tracker, run_dir, cfg.to_dict(), cfg.train.tracker_project,
@@ -209,11 +245,14 @@ def run_eval(step: int) -> dict:
     per problem, seeded) when asked; on the synthetic task also the share of asked facts the final memories keep.
     Every rank evaluates its slice (eval_set[rank::world]) with gathered weights; generation is no collective, so
     slices may differ in size; every rate is summed over ranks as (numerator, denominator)."""
+    if not eval_set:  # data.eval_path=none
+        return {}
     t0 = time.time()
     mine, c, k = eval_set[rank::world], cfg.rollout.condition, cfg.rollout.eval_samples
     policy.eval()
     with gathered_for_rollout(policy, rollout_model):
-        res = evaluate_policy(generator, tokenizer, mine, cfg, conditions=(c,), samples=k)[c] if mine else {}
+        res = evaluate_policy(generator, tokenizer, mine, cfg, conditions=(c,), samples=k,
+                              desc=f"eval @ step {step}: {eval_name}", progress=dist_info.is_main)[c] if mine else {}
     policy.train()
     counts = {"n": res.get("n", 0), "asked": res.get("facts_asked", 0)}
     over = {"accuracy": "n", "sampled_accuracy": "n", "facts_kept": "asked", "sampled_facts_kept": "asked"}
@@ -374,21 +413,22 @@ for step in pbar:
                                    ("keep", corr.keep), ("pg_weight", corr.pg_weight)) if t is not None}})
         local = sum_over_ranks(local, device)  # this rank's (token sum / N_k) -> the mini-batch's token-means
         grad_norm = clip_grad_norm(policy, cfg.optim.grad_clip)  # the global norm, the same on every rank
-        if not math.isfinite(local["loss"]) or not math.isfinite(grad_norm):
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            what = "loss" if not math.isfinite(local["loss"]) else "gradient"
-            say(f"step {step + 1}, mini-batch {k}: non-finite {what} (loss {local['loss']}, grad norm {grad_norm}): "
-                f"update skipped")
-        elif num_tokens[k] > 0:  # else every sequence was masked: nothing to learn, no decay either
-            optimizer.step()
-            grad_norms.append(grad_norm)
+        finite = math.isfinite(local["loss"]) and math.isfinite(grad_norm)
+        if num_tokens[k] > 0 or not finite:  # else every sequence was masked: nothing to learn, no decay either
+            problem = guard.step(local["loss"], grad_norm)  # AdamW, unless non-finite (then nothing changes)
+            if problem is None:
+                grad_norms.append(grad_norm)
+            else:
+                skipped += 1
+                say(f"step {step + 1}, mini-batch {k}: {problem}: update skipped")
         for name in LOSS_METRICS:
             sums[name] += local[name] * float(num_tokens[k])
         for name in MISMATCH_KEYS.values():
             sums[name] += local[name]
     if sum(n_pass) == 0:
         say(f"step {step + 1}: no trajectory left after dynamic sampling: update skipped")
+    else:
+        guard.end_of_step(step + 1)  # a TrainingError after train.max_skipped_steps non-finite steps in a row
     scheduler.step()
     if dumped:
         dump_path = Path(cfg.train.dump_loss_inputs) / f"step_{step + 1:08d}_rank{rank}.pt"

@@ -14,12 +14,14 @@ check_sharding(problem, question, shards) -> list[Issue]; empty means the episod
 Numbers are compared by value, as a set: "1,000" == "1000", "2.50" == "2.5", and the number words
 zero..twenty, the tens, hundred, thousand, million and billion count as their values (so "three" may
 become "3", but a number may not disappear or appear). check_chunks() is the analogue for long
-documents: the chunks, joined, are the document (up to whitespace).
+documents: the chunks, joined, are the document (up to whitespace). Linear in the text for verbatim shards (a math
+span is first looked up among the shards' own spans; only one not found there is searched for as a substring).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -96,12 +98,13 @@ def check_sharding(problem: str, question: str, shards: list[str], max_shards: i
         issues.append(Issue("invented_number", "not in the problem: " + ", ".join(invented[:10])))
 
     squashed = _squash(produced)
-    lost = [span for span in math_spans(problem) if _squash(span) not in squashed]
+    kept = {_squash(span) for span in math_spans(produced)}  # verbatim shards keep their spans: a set look-up
+    lost = [span for span in math_spans(problem) if _squash(span) not in kept and _squash(span) not in squashed]
     if lost:
         issues.append(Issue("missing_math", "not verbatim: " + ", ".join(s[:60] for s in lost[:5])))
 
     normed = [" ".join(s.split()) for s in shards]
-    dups = sorted({s for s in normed if normed.count(s) > 1})
+    dups = sorted(s for s, n in Counter(normed).items() if n > 1)
     if dups:
         issues.append(Issue("duplicate_shard", "repeated: " + " | ".join(d[:60] for d in dups[:3])))
     if question.strip() and " ".join(question.split()) in normed:

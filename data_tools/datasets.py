@@ -66,8 +66,10 @@ def load_math500(path: str | Path) -> list[Problem]:
 
 
 def load_problems(path: str | Path, dataset: str) -> list[Problem]:
-    if dataset == "gsm8k":
-        return load_gsm8k(path)
-    if dataset == "math500":
-        return load_math500(path)
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    """Every problem of the file; DataError naming path:line on bad input, and on a file without any problem."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    problems = load_gsm8k(path) if dataset == "gsm8k" else load_math500(path)
+    if not problems:
+        raise DataError(f"{path}: no problems (the file is empty)")
+    return problems

@@ -10,7 +10,9 @@
   modules are imported inside __init__, so data_tools imports without them.
 
 A reply is a str, or a BackendError (reason code + detail) when the request failed after the client's
-own retries; llm_shard.py counts that as a failed attempt and records the reason.
+own retries, or when the endpoint answered 200 with something that is not a chat completion (an HTML error page
+from a proxy, truncated JSON): "bad_response". llm_shard.py counts that as a failed attempt of that problem and
+records the reason; the run goes on with the other problems.
 """
 
 from __future__ import annotations
@@ -70,9 +72,15 @@ class OpenAIChatBackend:
             status = getattr(e, "status_code", None)
             detail = f"{type(e).__name__}" + (f" (HTTP {status})" if status else "") + f": {str(e)[:300]}"
             return BackendError("api_error", self._scrub(detail))
-        if not resp.choices or resp.choices[0].message.content is None:
+        except ValueError as e:  # the client could not parse the 200's body as JSON (json.JSONDecodeError)
+            return BackendError("bad_response", self._scrub(f"HTTP 200 with a body that is not JSON: {str(e)[:300]}"))
+        try:  # a 200 that is not a chat completion: the client hands back the raw text (an HTML page) or a stub
+            empty = not resp.choices or resp.choices[0].message.content is None
+            choice = None if empty else resp.choices[0]
+        except (AttributeError, TypeError, IndexError):
+            return BackendError("bad_response", self._scrub(f"HTTP 200 but not a chat completion: {str(resp)[:300]!r}"))
+        if choice is None:
             return BackendError("empty_response", "the reply has no message content")
-        choice = resp.choices[0]
         if choice.finish_reason == "length":
             tail = choice.message.content[-200:]
             return BackendError("truncated_output", f"hit max_tokens={self.max_tokens}: {tail}")

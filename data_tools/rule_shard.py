@@ -116,7 +116,8 @@ def rule_shard(text: str) -> tuple[str, list[str]]:
     q = candidates[-1]
     after = list(range(q + 1, len(sents)))
     fmt = [i for i in after if is_format_instruction(sents[i])]
-    rest = [i for i in after if i not in fmt]
+    fmt_set = set(fmt)  # a set: a problem of many sentences must not cost their square
+    rest = [i for i in after if i not in fmt_set]
     shards = [sents[i] for i in range(q)]
     qtext = sents[q]
     parts = split_condition(qtext)

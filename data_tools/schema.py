@@ -47,10 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from memrl.episodes import REWARD_KINDS, validate_record  # noqa: F401  (REWARD_KINDS re-exported)
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line (1-based) and the field."""
+from memrl.errors import DataError  # noqa: F401  (re-exported: the one error type for bad data, memrl/errors.py)
 
 
 def where(path: str | Path, line_no: int | None) -> str:
@@ -69,9 +66,17 @@ def validate_episode(obj: object, path: str | Path = "<episode>", line_no: int |
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line_no, object) for every non-blank line; DataError on bad JSON, naming path:line."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    """Yield (line_no, object) for every non-blank line; DataError on a missing file, bytes that are not UTF-8 or bad
+    JSON, naming path:line."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -13,6 +13,9 @@ character that can start a sentence (capital, digit, quote, bracket, "$" or "\\"
   sentence. A "$...$" pair that reads like prose ("$2 per egg. How much ... $") is currency, not math;
 - a blank line is always a boundary (MATH500 paragraphs, document paragraphs);
 - "day.She" (two glued sentences, both words lower->Upper) is split.
+Cost: linear in the text. Every scan resumes where the previous one stopped (an opener without its closer is
+searched for once, not once per opener), and no pattern backtracks over a long word; long documents
+(data_tools.chunk_docs) go through here too.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ _TERMINATOR = re.compile(r"[.?!]+[\"'\u201d\u2019)\]]*")
 _OPENER = re.compile(r"\\\$|\$\$|\$|\\\(|\\\[|\\begin\{([A-Za-z*]+)\}|\[asy\]")
 _CLOSER = {"$$": "$$", "\\(": "\\)", "\\[": "\\]", "[asy]": "[/asy]"}
 _TEXT_CMD = re.compile(r"\\(?:text\w*|mbox|mathrm|mathbf|operatorname|emph)\s*\{[^{}]*\}")
-_PROSE = re.compile(r"[A-Za-z]{2,}[,;:]?\s+[A-Za-z]{2,}[,;:]?\s+[A-Za-z]{2,}")
+# \b: try words from their start only, else a long run of letters is re-scanned from each of its positions
+_PROSE = re.compile(r"\b[A-Za-z]{2,}[,;:]?\s+[A-Za-z]{2,}[,;:]?\s+[A-Za-z]{2,}")
 _SENTENCE_START = re.compile(r"[A-Z0-9$\\\"'\u201c\u2018(\[]")
 
 
@@ -54,6 +58,17 @@ def _plausible_inline_math(content: str) -> bool:
 def protected_spans(text: str) -> list[tuple[int, int]]:
     """Non-overlapping (start, end) spans of math / asy code, in order."""
     spans, i = [], 0
+    next_at: dict[str, tuple[int, int]] = {}  # closer -> (searched from, found at or -1): text.find, remembered
+
+    def find(closer: str, start: int) -> int:
+        """text.find(closer, start) in amortised linear time: a search that found nothing (or something at or after
+        `start`) from an earlier position is still the answer."""
+        frm, at = next_at.get(closer, (len(text) + 1, -1))
+        if not (frm <= start and (at == -1 or at >= start)):
+            at = text.find(closer, start)
+            next_at[closer] = (start, at)
+        return at
+
     while (m := _OPENER.search(text, i)) is not None:
         tok = m.group(0)
         if tok == "\\$":  # an escaped dollar is a literal (LaTeX currency)
@@ -67,7 +82,7 @@ def protected_spans(text: str) -> list[tuple[int, int]]:
                 end = -1
         else:
             closer = f"\\end{{{m.group(1)}}}" if m.group(1) else _CLOSER[tok]
-            end = text.find(closer, m.end())
+            end = find(closer, m.end())
         if end == -1:
             i = m.end()  # unmatched or implausible opener: plain text
             continue

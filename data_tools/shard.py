@@ -7,19 +7,45 @@
     python -m data_tools.shard ... --method llm --local-model /path/to/hf_checkpoint
 
 Re-running the same command skips finished ids; failures go to FILE.failures.jsonl with reasons;
-the summary (episodes, shards per episode, failures by reason) is printed at the end.
+the summary (episodes, shards per episode, failures by reason) is printed at the end. Bad input (a missing, empty or
+malformed file, an option out of range) is one `error: ` line and a non-zero exit (memrl/errors.py; --debug for the
+traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from data_tools.checks import check_sharding
 from data_tools.datasets import DATASETS, Problem, load_problems
 from data_tools.rule_shard import ShardingError, rule_shard
 from data_tools.runner import Outcome, run_resumable
-from data_tools.schema import DataError
+from memrl.errors import ConfigError, install_error_handler
+
+
+# The longest real problem is 1,733 characters (MATH500; GSM8K: 985). A problem 30x longer is not a math word problem
+# but a broken or hostile input: it is recorded as a failure (too_long) without being read, in constant time. The
+# sharders themselves are linear (data_tools/sentences.py), so the bound is a limit on output, not on run time.
+MAX_PROBLEM_CHARS = 50_000
+
+
+def too_long(problem: Problem, max_chars: int) -> Outcome | None:
+    if len(problem.text) <= max_chars:
+        return None
+    return Outcome(problem.id, reason="too_long",
+                   detail=f"{len(problem.text):,} characters > --max-chars {max_chars:,}")
+
+
+def bounded(process, max_chars: int):
+    """`process` for the problems within max_chars, a too_long failure for each other one."""
+    def run(batch: list[Problem]) -> list[Outcome]:
+        refused = [oc for p in batch if (oc := too_long(p, max_chars)) is not None]
+        within = [p for p in batch if len(p.text) <= max_chars]
+        return refused + (process(within) if within else [])
+    return run
 
 
 def episode_for(problem: Problem, question: str, shards: list[str], method: str, unsharded: bool = False) -> dict:
@@ -47,30 +73,60 @@ def rule_outcome(problem: Problem, unshardable: str = "fail", max_shards: int = 
     return Outcome(problem.id, episode=episode_for(problem, question, shards, "rule", unsharded))
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own "usage: ... error:" as the one `error: ` line of memrl/errors.py
+        raise ConfigError(f"{message} (python -m data_tools.shard --help)")
+
+
+def count(minimum: int):
+    """An argparse type: an int >= minimum."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its message
+    return parse
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(text)
+    return value
+
+
+seconds.__name__ = "positive number of seconds"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m data_tools.shard", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="dataset JSONL (gsm8k/{train,test}.jsonl, math500/test.jsonl)")
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--method", required=True, choices=("rule", "llm"))
     p.add_argument("--out", required=True, help="episode JSONL to write (resumed if it exists)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems of the input")
+    p.add_argument("--limit", type=count(0), default=None, help="only the first N problems of the input")
     p.add_argument("--unshardable", choices=("fail", "whole"), default="fail",
                    help="a problem with nothing to shard besides its question: record a failure (default) "
                         "or keep it as one shard holding the whole problem (metadata.unsharded)")
-    p.add_argument("--max-shards", type=int, default=35, help="the paper caps episodes at 35 shards")
+    p.add_argument("--max-shards", type=count(1), default=35, help="the paper caps episodes at 35 shards")
+    p.add_argument("--max-chars", type=count(1), default=MAX_PROBLEM_CHARS,
+                   help="a longer problem is recorded as a failure (too_long) without being read")
     p.add_argument("--skip-failed", action="store_true", help="do not retry ids in FILE.failures.jsonl")
-    p.add_argument("--batch-size", type=int, default=None, help="problems per backend round (llm: 16; rule: 256)")
+    p.add_argument("--batch-size", type=count(1), default=None,
+                   help="problems per backend round (llm: 16; rule: 256)")
     llm = p.add_argument_group("llm over an OpenAI-compatible endpoint")
     llm.add_argument("--base-url", help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     llm.add_argument("--model", help="model name sent to the endpoint")
     llm.add_argument("--api-key-env", default="OPENAI_API_KEY",
                      help="environment variable holding the API key ('' for a server without keys)")
-    llm.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
-    llm.add_argument("--max-retries", type=int, default=3, help="client retries on timeouts, 429 and 5xx")
-    llm.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    llm.add_argument("--max-attempts", type=int, default=3, help="attempts per stage (malformed output is retried)")
-    llm.add_argument("--max-tokens", type=int, default=2048)
+    llm.add_argument("--timeout", type=seconds, default=60.0, help="seconds per HTTP request")
+    llm.add_argument("--max-retries", type=count(0), default=3, help="client retries on timeouts, 429 and 5xx")
+    llm.add_argument("--concurrency", type=count(1), default=8, help="requests in flight")
+    llm.add_argument("--max-attempts", type=count(1), default=3,
+                     help="attempts per stage (malformed output is retried)")
+    llm.add_argument("--max-tokens", type=count(1), default=2048)
     local = p.add_argument_group("llm on a local HF checkpoint (memrl's generator)")
     local.add_argument("--local-model", help="HF checkpoint directory")
     local.add_argument("--device", default=None)
@@ -81,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
 def make_backend(args: argparse.Namespace):
     if args.local_model:
         from data_tools.llm_backends import LocalGeneratorBackend
+        from memrl.paths import model_source
+
+        model_source(args.local_model, "--local-model")  # before torch loads: a typo fails at once, never a download
 
         return LocalGeneratorBackend(args.local_model, max_new_tokens=args.max_tokens, device=args.device,
                                      dtype=args.dtype)
     if not (args.base_url and args.model):
-        raise SystemExit("--method llm needs --base-url and --model, or --local-model")
+        raise ConfigError("--base-url and --model: --method llm needs both (an OpenAI-compatible endpoint), or "
+                          "--local-model")
     from data_tools.llm_backends import OpenAIChatBackend
 
     try:
@@ -93,16 +153,15 @@ def make_backend(args: argparse.Namespace):
                                  timeout=args.timeout, max_retries=args.max_retries,
                                  concurrency=args.concurrency, max_tokens=args.max_tokens)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise ConfigError(f"--api-key-env: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors (memrl.errors.MemrlError: bad files, bad options) propagate; `python -m` prints them as one line."""
     args = build_parser().parse_args(argv)
-    try:
-        problems = load_problems(args.input, args.dataset)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a directory; give the episode file to write")
+    problems = load_problems(args.input, args.dataset)
     if args.limit is not None:
         problems = problems[: args.limit]
     items = [(p.id, p) for p in problems]
@@ -120,11 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         process = sharder.shard_many
         batch_size = args.batch_size or 16
     try:
-        summary = run_resumable(items, process, args.out, batch_size=batch_size,
+        summary = run_resumable(items, bounded(process, args.max_chars), args.out, batch_size=batch_size,
                                 desc=f"{args.method} {args.dataset}", skip_failed=args.skip_failed)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if backend is not None:
             backend.close()
@@ -133,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(install_error_handler(sys.argv[1:])))

@@ -1,4 +1,4 @@
-"""Atomic checkpoints and exact resume (DESIGN §8).
+"""Atomic checkpoints and exact resume (DESIGN.md §8).
 
 A checkpoint is one directory `<run_dir>/checkpoints/step_00000120/` holding
     config.json + model.safetensors   the policy, as a Hugging Face checkpoint (memrl.hf_io.save_model), so that
@@ -39,25 +39,30 @@ FSDP (torchrun, world size > 1): call save_checkpoint / load_checkpoint on EVERY
 - trainer_state["world_size"] records the world size; a resume at another world size is refused with a clear
   message (the data slicing per rank and the per-rank RNG streams would not continue exactly).
 Only rank 0 touches the filesystem; the other ranks receive what they need by broadcast.
+
+Integrity. A save refuses non-finite weights (train.py never gets there: memrl/step_guard.py stops a run first), so
+a checkpoint never holds NaNs. A load reads everything (trainer_state.pt, the weights) before it changes the model,
+the optimizer or anything else, and a file that does not read back (truncated, empty, not safetensors) is a
+CheckpointError naming it: `load_first_intact` then falls back to the next older checkpoint, saying why.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from memrl import distributed, hf_io
+from memrl.config import RUN_CONFIG_NAME as CONFIG_FILE
 from memrl.config import load_config, save_config
-
-CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "run_config.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from memrl.errors import CheckpointError, ConfigError, MemrlError
+from memrl.run_dir import (CKPT_DIR, STATE_FILE, checkpoint_dir, latest_checkpoint,  # noqa: F401  (re-exported)
+                           list_checkpoints)
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -87,26 +92,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["torch_cuda"])
 
 
-# ----------------------------------------------------------------------------- listing
-
-def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temp dirs and anything without trainer_state.pt are ignored)."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
+# ----------------------------------------------------------------------------- listing (memrl/run_dir.py)
 
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     """train.resume -> a checkpoint dir: "" = none, "latest" = newest complete one in run_dir (None if none yet)."""
@@ -116,7 +102,7 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
     return path
 
 
@@ -172,8 +158,13 @@ def save_checkpoint(
         distributed.barrier()  # rank 0 writes
         return final
     masters = None
+    full = model_state_dict if model_state_dict is not None else model.state_dict()
+    bad = [k for k, v in full.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # never a checkpoint with NaNs: a resume or an evaluation would silently use them
+        if world > 1 or sharded:
+            distributed.barrier()
+        raise CheckpointError(f"{final}: not saved: non-finite weights in {bad[:4]}{' ...' if len(bad) > 4 else ''}")
     if export_dtype is not None:
-        full = model_state_dict if model_state_dict is not None else distributed.full_state_dict(model)
         if any(v.dtype != export_dtype for v in full.values()):
             masters = hf_io.to_hf_state_dict({k: v.detach().cpu() for k, v in full.items()}, model.config, copy=True)
             masters = {k: v.contiguous() for k, v in masters.items()}  # HF names, like the export
@@ -240,26 +231,26 @@ def load_checkpoint(
     Returns the trainer state: {"step", "data", "extra", "config" (a Config or None), "optimizer", "scheduler", ...}.
     Non-weight state is read with torch.load(weights_only=True): a checkpoint can hold tensors and plain containers
     only, never pickled code. Under torchrun (world size > 1): call on every rank; only rank 0 reads the files
-    (`path` matters on rank 0 only) and the rest arrives by broadcast. Refuses a checkpoint of another world size.
+    (`path` matters on rank 0 only) and the rest arrives by broadcast. Every file is read before anything is
+    changed; an unreadable one raises CheckpointError (on every rank), a checkpoint of another world size ConfigError.
     """
     world = distributed.world_size()
     if world == 1 and not (model is not None and distributed.is_sharded(model)):
         return _load_local(Path(path), model, optimizer, scheduler, restore_rng)
-    state, error = None, None
+    state, weights, error = None, {}, None
     if distributed.rank() == 0:
         try:
             state = _read_state(Path(path))
             if state.get("world_size", 1) != world:
-                raise ValueError(_world_message(path, state.get("world_size", 1), world))
-        except Exception as e:  # noqa: BLE001 - every rank must leave, not only rank 0
-            error = f"{type(e).__name__}: {e}"
+                raise ConfigError(_world_message(path, state.get("world_size", 1), world))
+            if model is not None:  # read here, inside the try: a bad file must stop every rank, not hang the others
+                weights = _weights(Path(path), state, model, next(model.parameters()).dtype, "cpu")
+        except MemrlError as e:
+            error = (type(e).__name__, str(e))
     error = distributed.broadcast_object(error)
     if error is not None:
-        raise RuntimeError(f"resume from {path} failed: {error}")
+        raise (ConfigError if error[0] == "ConfigError" else CheckpointError)(error[1])
     if model is not None:
-        weights = {}
-        if distributed.rank() == 0:
-            weights = _weights(Path(path), state, model, next(model.parameters()).dtype, "cpu")
         distributed.load_full_state_dict(model, weights)
     if optimizer is not None:
         full = state["optimizer"] if state is not None else {}
@@ -275,13 +266,30 @@ def load_checkpoint(
     return small
 
 
+def load_first_intact(candidates: list[Path], model, optimizer=None, scheduler=None,
+                      report=print) -> tuple[Path, dict]:
+    """The first checkpoint of `candidates` (newest first) that reads back, loaded; each unreadable one is reported
+    and skipped. CheckpointError when none reads (naming each). Collective under torchrun, like load_checkpoint."""
+    problems = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model, optimizer, scheduler)
+        except CheckpointError as e:
+            problems.append(str(e))
+            report(f"skipping checkpoint {path}: {e}")
+    raise CheckpointError(f"--resume: none of the {len(candidates)} checkpoint(s) reads back", details=problems)
+
+
 def _weights(path: Path, state: dict, model, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """The weights to resume from, in `dtype`, keyed like the model: the fp32 masters when the checkpoint stored
     them (its export is in a lower precision), else the HF export."""
     if state.get("master_weights") is not None:
         masters = {k: v.to(device=device, dtype=dtype) for k, v in state["master_weights"].items()}  # HF names
         return hf_io.from_hf_state_dict(masters, model.config, list(model.state_dict()))
-    weights = hf_io.load_model(path, dtype=dtype, device=device).state_dict()
+    try:
+        weights = hf_io.load_model(path, dtype=dtype, device=device).state_dict()
+    except (ValueError, OSError) as e:  # hf_io names the file; a CheckpointError passes through unchanged
+        raise CheckpointError(str(e)) from e
     weights.pop("inv_freq", None)
     return weights
 
@@ -295,8 +303,15 @@ def _world_message(path, saved: int, world: int) -> str:
 def _read_state(path: Path) -> dict:
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        # an empty or truncated file (a disk that filled up, a copy cut short): torch's zip reader says so
+        raise CheckpointError(f"{state_file}: unreadable, truncated or corrupt ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
+        raise CheckpointError(f"{state_file}: not a trainer state (no step / optimizer / rng)")
     state["config"] = load_config(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
     return state
 
@@ -304,17 +319,20 @@ def _read_state(path: Path) -> dict:
 def _load_local(path: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
     state = _read_state(path)
     if state.get("world_size", 1) != 1:
-        raise ValueError(_world_message(path, state["world_size"], 1))
-    if model is not None:
+        raise ConfigError(_world_message(path, state["world_size"], 1))
+    if optimizer is not None and state["optimizer"] is None:
+        raise CheckpointError(f"{path}: checkpoint has no optimizer state")
+    if scheduler is not None and state["scheduler"] is None:
+        raise CheckpointError(f"{path}: checkpoint has no scheduler state")
+    weights = None
+    if model is not None:  # read fully before anything changes: a bad file leaves the model as it was
         ref = next(model.parameters())
-        model.load_state_dict(_weights(path, state, model, ref.dtype, ref.device), strict=True)
+        weights = _weights(path, state, model, ref.dtype, ref.device)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
     if optimizer is not None:
-        if state["optimizer"] is None:
-            raise ValueError(f"{path}: checkpoint has no optimizer state")
         optimizer.load_state_dict(state["optimizer"])  # moves state tensors to the params' devices
     if scheduler is not None:
-        if state["scheduler"] is None:
-            raise ValueError(f"{path}: checkpoint has no scheduler state")
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])

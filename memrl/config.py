@@ -10,32 +10,48 @@ Override syntax (one argument each, applied left to right after the preset):
     --key                 for a bool field: True; `--resume` alone means --train.resume=latest
     --preset=NAME         the base config (first; default "default"); --config=PATH loads a saved JSON as the base
 Values are parsed by the field's type (bool: true/false/1/0/yes/no; tuples: comma-separated); a wrong type or an
-unknown key raises ConfigError naming the key. Every dataclass re-checks its invariants on each change.
+unknown key raises ConfigError naming the key. Each field's own range is checked on every change (numbers must be
+finite: `inf` and `nan` parse as floats, and an infinite learning rate or temperature trains silently on garbage);
+rules between fields (Config.check) once all overrides are applied, so their order does not matter.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memrl.attention import ATTENTION_BACKENDS
+from memrl.errors import ConfigError
 from memrl.length_profile import PROFILES
 # The turn templates (DESIGN §4) live in memrl.templates; here they are data, overridable like any other field.
 from memrl.templates import (CONVERSATION_FINAL_TEMPLATE, CONVERSATION_SHARD_TEMPLATE, FINAL_TEMPLATE,
                              MEMORY_TEMPLATE, REASONED_FINAL_TEMPLATE, REASONED_SINGLE_TURN_TEMPLATE,
                              SINGLE_TURN_TEMPLATE, without_memory_line)
 
+NO_EVAL = "none"  # data.eval_path=none: no held-out evaluation during training
+
 RUN_CONFIG_NAME = "run_config.json"
 # rollout.condition values a run can TRAIN under; full_history is the paper's evaluation condition only
 TRAIN_CONDITIONS = ("memory", "conversation", "single_turn")
 
 
-class ConfigError(ValueError):
-    pass
+def in_range(value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> bool:
+    """finite and within [lo, hi] (an open end excludes the bound); False for nan and ±inf."""
+    if not math.isfinite(value):
+        return False
+    return (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+
+
+# Sampling temperature bounds. Below 0.05 a logit gap of 1 becomes 20 (the runner-up token has probability ~2e-9):
+# sampling is greedy in all but name, every sample of a group is the same, every advantage 0, nothing is learned
+# (use greedy decoding for that). Above 10 even a gap of 10 becomes 1: the samples approach uniform noise over the
+# vocabulary, and the log-probs' gradient shrinks as 1/T. Both ends train silently on nothing.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 10.0
 
 
 @dataclass
@@ -90,8 +106,11 @@ class RolloutCfg:
         assert self.group_size >= 1, "rollout.group_size must be >= 1"
         assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
         assert self.thinking_budget_tokens >= 0, "rollout.thinking_budget_tokens must be >= 0"
-        assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
-        assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
+        assert in_range(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE), (
+            f"rollout.temperature: must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (colder samples greedily: no "
+            f"exploration, no advantage; hotter samples noise), got {self.temperature}")
+        assert in_range(self.top_p, 0, 1, lo_open=True), f"rollout.top_p: must be in (0, 1], got {self.top_p}"
+        assert self.top_k >= 0, "rollout.top_k must be >= 0"
         assert self.eval_samples >= 0, "rollout.eval_samples must be >= 0"
         assert self.compile in ("decode", "all", "none"), f"rollout.compile: {self.compile!r} (decode | all | none)"
         assert not self.length_profile or self.ignore_eos, "rollout.length_profile needs rollout.ignore_eos=true"
@@ -128,9 +147,11 @@ class AlgoCfg:
 
     def __post_init__(self):
         assert self.advantage in ("drgrpo", "grpo"), f"algo.advantage: {self.advantage!r}"
-        assert 0 <= self.eps_low < 1 and self.eps_high >= 0, "algo.eps_low in [0, 1), eps_high >= 0"
-        assert self.clip_c > 1, "algo.clip_c must be > 1 (dual clip)"
-        assert self.kl_coef >= 0 and self.kl_type in ("k1", "k2", "k3"), "algo.kl_coef >= 0, kl_type k1|k2|k3"
+        assert in_range(self.eps_low, 0, 1, hi_open=True), f"algo.eps_low: must be in [0, 1), got {self.eps_low}"
+        assert in_range(self.eps_high, 0, 10), f"algo.eps_high: must be in [0, 10], got {self.eps_high}"
+        assert in_range(self.clip_c, 1, 1e6, lo_open=True), f"algo.clip_c: must be finite and > 1, got {self.clip_c}"
+        assert in_range(self.kl_coef, 0, 1e6), f"algo.kl_coef: must be finite and >= 0, got {self.kl_coef}"
+        assert self.kl_type in ("k1", "k2", "k3"), f"algo.kl_type: k1|k2|k3, got {self.kl_type!r}"
         assert self.max_sampling_rounds >= 1, "algo.max_sampling_rounds must be >= 1"
         assert self.overlong_cache_tokens >= 1, "algo.overlong_cache_tokens must be >= 1"
         assert self.mini_batches >= 1, "algo.mini_batches must be >= 1"
@@ -153,10 +174,17 @@ class OptimCfg:
     adam_eps: float = 1e-8  # AdamW default
 
     def __post_init__(self):
-        assert self.lr > 0, "optim.lr must be > 0"
-        assert self.warmup_steps >= 0 and self.weight_decay >= 0, "optim.warmup_steps, weight_decay must be >= 0"
-        assert self.grad_clip > 0, "optim.grad_clip must be > 0"
-        assert len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas: {self.betas}"
+        # AdamW moves each weight by about lr per step (|m̂/√v̂| is of order 1): lr > 1 rewrites every weight by
+        # more than its own scale each step
+        assert in_range(self.lr, 0, 1, lo_open=True), f"optim.lr: must be in (0, 1], got {self.lr}"
+        assert self.warmup_steps >= 0, "optim.warmup_steps must be >= 0"
+        assert in_range(self.weight_decay, 0, 1), f"optim.weight_decay: must be in [0, 1], got {self.weight_decay}"
+        assert in_range(self.grad_clip, 0, 1e6, lo_open=True), f"optim.grad_clip: must be finite and > 0, got " \
+                                                               f"{self.grad_clip}"
+        assert len(self.betas) == 2 and all(in_range(b, 0, 1, hi_open=True) for b in self.betas), (
+            f"optim.betas: must be two values in [0, 1), got {self.betas}")
+        # >= 1e-20 keeps lr·grad_clip/adam_eps, the bound on one AdamW step, far below fp32's limit (step_guard.py)
+        assert in_range(self.adam_eps, 1e-20, 1), f"optim.adam_eps: must be in [1e-20, 1], got {self.adam_eps}"
 
 
 @dataclass
@@ -176,9 +204,7 @@ class DataCfg:
         assert self.reward_kind in ("math", "gsm8k", "qa"), f"data.reward_kind: {self.reward_kind!r}"
         assert self.max_shards >= 1 and self.max_shard_tokens >= 1, "data.max_shards, max_shard_tokens must be >= 1"
         assert self.noise_variant in ("sharded", "full_question", "mixed"), f"data.noise_variant: {self.noise_variant}"
-        assert self.noise_variant == "sharded" or self.noise_path, "noisy variants need data.noise_path"
         assert self.eval_noise_shards >= 0 and self.eval_limit >= 0, "data.eval_noise_shards, eval_limit must be >= 0"
-        assert self.eval_noise_shards == 0 or self.noise_path, "data.eval_noise_shards > 0 needs data.noise_path"
 
 
 @dataclass
@@ -200,6 +226,9 @@ class TrainCfg:
     device: str = "auto"  # auto = cuda when available, else cpu
     resume: str = field(default="", metadata={"flag": "latest"})  # "" | latest | a checkpoint dir
     dump_loss_inputs: str = ""  # tests / debugging: save every micro-batch's loss inputs and outputs in this dir
+    allow_config_change: str = ""  # keys (comma-separated) --resume may change beyond run_dir.RESUME_MAY_CHANGE
+    max_skipped_steps: int = 3  # stop after this many steps in a row whose update was non-finite (memrl/step_guard.py)
+    cpu_threads: int = 0  # torch threads on CPU; 0 = $OMP_NUM_THREADS if set, else 1 (README: why one thread)
 
     def __post_init__(self):
         assert self.batch_size >= 1 and self.epochs >= 1, "train.batch_size, epochs must be >= 1"
@@ -208,6 +237,8 @@ class TrainCfg:
         assert self.keep_last >= 1 and self.log_every >= 1, "train.keep_last, log_every must be >= 1"
         assert self.tracker in ("none", "tensorboard", "wandb"), f"train.tracker: {self.tracker!r}"
         assert self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"train.device: {self.device}"
+        assert self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1"
+        assert self.cpu_threads >= 0, "train.cpu_threads must be >= 0 (0 = automatic)"
 
 
 @dataclass
@@ -220,13 +251,27 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
 
-    def __post_init__(self):
-        assert not self.algo.dynamic_sampling or self.rollout.group_size >= 2, "dynamic sampling needs group_size >= 2"
-        assert self.algo.overlong_cache_tokens <= self.rollout.response_max_tokens or not self.algo.overlong_shaping, (
-            "algo.overlong_cache_tokens must not exceed rollout.response_max_tokens")
-        assert self.algo.mini_batches <= self.train.batch_size, (
-            f"algo.mini_batches={self.algo.mini_batches} exceeds train.batch_size={self.train.batch_size}: a "
-            f"mini-batch holds whole problems")
+    def check(self) -> "Config":
+        """Rules between fields, checked once every override is applied (so `--a=x --b=y` and `--b=y --a=x` agree)."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(not self.algo.dynamic_sampling or self.rollout.group_size >= 2,
+             "--algo.dynamic_sampling: needs rollout.group_size >= 2 (a group of one always has equal rewards)")
+        need(self.algo.overlong_cache_tokens <= self.rollout.response_max_tokens or not self.algo.overlong_shaping,
+             "--algo.overlong_cache_tokens: must not exceed rollout.response_max_tokens")
+        need(self.data.noise_variant == "sharded" or bool(self.data.noise_path),
+             f"--data.noise_variant={self.data.noise_variant}: needs data.noise_path (the WikiText noise file)")
+        need(self.data.eval_noise_shards == 0 or bool(self.data.noise_path),
+             "--data.eval_noise_shards: > 0 needs data.noise_path (the WikiText noise file)")
+        need(self.algo.mini_batches <= self.train.batch_size,
+             f"--algo.mini_batches={self.algo.mini_batches}: exceeds train.batch_size={self.train.batch_size} (a "
+             f"mini-batch holds whole problems)")
+        keys = _all_keys(self)
+        for key in filter(None, (k.strip() for k in self.train.allow_config_change.split(","))):
+            need(key in keys, f"--train.allow_config_change: {key!r} is not a config key (write them as section.key)")
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -294,8 +339,8 @@ PRESETS = {"default": _default, "paper-1.5b": _paper_1_5b, "paper-4b": _paper_4b
 
 def preset(name: str) -> Config:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
+        raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]().check()
 
 
 # ----------------------------------------------------------------------------- typed values
@@ -382,8 +427,8 @@ def _resolve_key(cfg: Config, key: str) -> tuple[str, str]:
 def _replace_checked(obj, key: str, **changes):
     try:
         return dataclasses.replace(obj, **changes)
-    except AssertionError as e:
-        raise ConfigError(f"--{key}: {e}") from None
+    except AssertionError as e:  # the invariants' messages mostly start with their own key
+        raise ConfigError(f"--{e}" if str(e).startswith(key) else f"--{key}: {e}") from None
 
 
 def set_value(cfg: Config, key: str, value, from_text: bool = True) -> Config:
@@ -410,7 +455,7 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
             else:
                 raise ConfigError(f"--{key}: needs a value (--{key}=...)")
         cfg = set_value(cfg, key, value, from_text=True)
-    return cfg
+    return cfg.check()
 
 
 def parse_cli(argv: list[str]) -> Config:
@@ -466,10 +511,7 @@ def config_from_dict(d: dict) -> Config:
             raise ConfigError(f"unknown config key(s) {[f'{s}.{k}' for k in extra]}")
         typed = {k: _coerce(f"{s}.{k}", fields[k][0], v, from_text=False) for k, v in sec_d.items()}
         sections[s] = _replace_checked(getattr(defaults, s), s, **typed)
-    try:
-        return Config(preset=_coerce("preset", str, d.get("preset", "default"), from_text=False), **sections)
-    except AssertionError as e:
-        raise ConfigError(str(e)) from None
+    return Config(preset=_coerce("preset", str, d.get("preset", "default"), from_text=False), **sections).check()
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
@@ -483,12 +525,37 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 
 def load_config(path: str | os.PathLike) -> Config:
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         return config_from_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- rules for a training run
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(section.key, old value, new value) of every field that differs."""
+    changes = []
+    for s in SECTIONS:
+        a, b = getattr(old, s), getattr(new, s)
+        changes += [(f"{s}.{k}", getattr(a, k), getattr(b, k)) for k in _fields(a) if getattr(a, k) != getattr(b, k)]
+    return changes
+
+
+def check_for_training(cfg: Config) -> None:
+    """Rules that matter only to train.py (evaluate.py reads saved configs of older runs too)."""
+    if cfg.data.train_path and not cfg.data.eval_path:
+        # without an eval set the held-out evaluation would fall back to the built-in synthetic task: another task
+        raise ConfigError(
+            f"--data.eval_path: empty while data.train_path={cfg.data.train_path} is set, so evaluation during "
+            f"training would use the built-in synthetic task, not yours. Give a held-out set of the same task "
+            f"(--data.eval_path=FILE.jsonl), or --data.eval_path={NO_EVAL} to train without evaluation")
 

@@ -66,6 +66,17 @@ def init_distributed(device: str = "auto", single_rank_group: bool = False) -> D
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+def set_cpu_threads(requested: int = 0) -> int:
+    """torch's intra-op threads for a CPU run: `requested` (train.cpu_threads), else $OMP_NUM_THREADS when the user
+    set it, else 1. Why not torch's default (one per core): this project's CPU work is small matrices (the default
+    run's policy has 0.6M parameters), where a second thread buys little on an idle machine, and on a shared one
+    every extra thread waits for a core another process holds: under load a default-run step took 5 to 10 times as
+    long with two threads as with one (README, "CPU threads"). Returns the number set."""
+    n = requested or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
+    torch.set_num_threads(n)
+    return n
+
+
 def shutdown() -> None:
     """Destroy the process group, if any (end of training)."""
     if dist.is_initialized():

@@ -18,7 +18,9 @@ Metadata keys read here (others are carried through untouched; see data_tools/sc
 Invariants of a loaded Episode: every field present, of the right type and non-empty; at most `max_shards` shards and
 every shard at most `max_shard_tokens` tokens (when those limits are given); noise_positions distinct and in range;
 ids unique. Loading reports every problem it finds (up to `max_errors`) as `path:line: field 'name': what is wrong`,
-then raises once, so a bad file is fixed in one pass instead of deep inside a training step.
+then raises once (the first problem is the error's line, the others its details), so a bad file is fixed in one pass
+instead of deep inside a training step. Lines are decoded one by one: a byte that is not UTF-8 is a problem of its
+line, not an anonymous UnicodeDecodeError.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from memrl.errors import DataError
 
 FIELDS = ("id", "question", "shards", "answer", "metadata")
 REQUIRED = ("id", "question", "shards", "answer")
@@ -64,13 +68,14 @@ class Episode:
                 "metadata": dict(self.metadata)}
 
 
-class EpisodeFormatError(ValueError):
-    """Raised by load_episodes; `.problems` holds every `path:line: message`."""
+class EpisodeFormatError(DataError):
+    """Raised by load_episodes; `.problems` holds every `path:line: message` found (up to max_errors)."""
 
     def __init__(self, problems: list[str], total: int):
         self.problems = problems
-        more = f"\n... and {total - len(problems)} more" if total > len(problems) else ""
-        super().__init__(f"{total} problem(s) in episode data:\n" + "\n".join(problems) + more)
+        more = [f"... and {total - len(problems)} more"] if total > len(problems) else []
+        count = f" ({total} problem(s) in this file, listed below)" if total > 1 else ""
+        super().__init__(problems[0] + count, details=problems[1:] + more)
 
 
 REWARD_KINDS = ("math", "gsm8k", "qa")  # memrl.reward.KINDS, repeated: data_tools must not import math-verify
@@ -168,7 +173,7 @@ def load_episodes(
         raise ValueError("max_shard_tokens needs count_tokens (a callable text -> number of tokens)")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such episode file")
+        raise DataError(f"{path}: no such episode file")
     problems: list[str] = []
     total = 0
     episodes: list[Episode] = []
@@ -180,8 +185,13 @@ def load_episodes(
         if len(problems) < max_errors:
             problems.append(f"{path}:{lineno}: {msg}")
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report(lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -208,6 +218,18 @@ def load_episodes(
     if not episodes:
         raise EpisodeFormatError([f"{path}: no episodes (the file is empty)"], 1)
     return episodes
+
+
+def is_raw_documents(path: str | os.PathLike) -> bool:
+    """True for a LongBench / L-Eval JSONL (its first record has no "shards"), False for an episode file (and for
+    anything unreadable: load_episodes then reports it with its line number)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "shards" not in obj and ("context" in obj or "instructions" in obj)
 
 
 def write_episodes(path: str | os.PathLike, episodes: Iterable[Episode]) -> Path:

@@ -5,7 +5,8 @@ its target device and dtype, one tensor at a time: no float32 copy of the whole 
 Saving writes the same format into a temporary directory and renames it into place, so that
 `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it and a crash never leaves half a checkpoint.
 
-Only safetensors are read (never pickled `.bin` weights), and no remote code is ever run.
+Only safetensors are read (never pickled `.bin` weights), and no remote code is ever run. A bad checkpoint is a
+CheckpointError (a ValueError) or a FileNotFoundError naming the file: train.py and evaluate.py print it as one line.
 
 Names: files hold Hugging Face tensor names. Our model fuses two groups of them into one parameter each (one GEMM
 instead of three / two per layer); FUSED_TO_HF below is the only place that knows it. Loading stacks the HF parts
@@ -14,6 +15,7 @@ both sides.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,7 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from memrl.errors import CheckpointError, MemrlError
 from memrl.model import ModelConfig, Transformer
+from memrl.paths import is_hub_id
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -80,25 +84,42 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, names) 
     return out
 
 
+def _as_checkpoint_error(fn):
+    """A ValueError raised while reading a checkpoint (each names its file and field) becomes a CheckpointError."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            if isinstance(e, MemrlError):
+                raise
+            raise CheckpointError(str(e)) from e
+    return wrapper
+
+
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id, fetched (config, tokenizer, safetensors only) when online."""
+    """A local directory as is; a hub id (memrl/paths.py states the rule) fetched (config, tokenizer, safetensors
+    only); anything else, e.g. a local path that does not exist, is an error and never a download."""
     p = Path(path_or_id)
     if p.is_dir():
         return p
     if p.exists():
-        raise ValueError(f"{p}: expected a checkpoint directory holding config.json, got a file")
+        raise CheckpointError(f"{p}: expected a checkpoint directory holding config.json, got a file")
     text = str(path_or_id)
-    if text.count("/") != 1 or text.startswith((".", "/")):
-        raise FileNotFoundError(f"{text}: no such checkpoint directory (and not a hub id of the form 'org/name')")
+    if not is_hub_id(text):
+        raise FileNotFoundError(f"{text}: no such checkpoint directory (and not a hub id 'owner/name': see "
+                                f"memrl/paths.py)")
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
     except Exception as e:  # offline, unknown repo, gated...
-        raise FileNotFoundError(f"{text}: not a local directory, and fetching it from the hub failed: {e}") from e
+        raise FileNotFoundError(f"{text}: not a local directory, and fetching it from the hub failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
     return Path(local)
 
 
+@_as_checkpoint_error
 def load_config(path: str | os.PathLike) -> ModelConfig:
     cfg_path = resolve_checkpoint(path) / "config.json"
     if not cfg_path.is_file():
@@ -107,6 +128,8 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         d = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object (a Hugging Face model config), got {type(d).__name__}")
     return ModelConfig.from_hf_dict(d, source=str(cfg_path))
 
 
@@ -135,6 +158,7 @@ def _open(path: Path, device: str):
         raise ValueError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
 
 
+@_as_checkpoint_error
 def load_model(
     path_or_id: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Transformer:

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from memrl.errors import CheckpointError
+
 # End-of-turn / end-of-text markers of the supported families; whichever exist in a vocabulary stop generation.
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 
@@ -28,7 +30,7 @@ class Tokenizer:
         # instruct models (a chat template present) get it by default; base models see raw text
         self.chat = bool(getattr(hf_tokenizer, "chat_template", None)) if chat is None else chat
         if self.chat and not getattr(hf_tokenizer, "chat_template", None):
-            raise ValueError("chat=True but the tokenizer has no chat_template (tokenizer_config.json)")
+            raise CheckpointError("chat=True but the tokenizer has no chat_template (tokenizer_config.json)")
         vocab = hf_tokenizer.get_vocab()
         stops = {vocab[t] for t in STOP_TOKENS if t in vocab}
         eos = hf_tokenizer.eos_token_id
@@ -36,7 +38,7 @@ class Tokenizer:
             stops.add(eos)
         self.stop_ids: set[int] = stops | set(extra_stop_ids)
         if not self.stop_ids:
-            raise ValueError("tokenizer defines no end-of-sequence token: generation could never stop")
+            raise CheckpointError("tokenizer defines no end-of-sequence token: generation could never stop")
         self.vocab_size: int = len(hf_tokenizer)  # real tokens, added specials included
         # Thinking models (Qwen3) wrap their reasoning in <think> ... </think>, one token each; None elsewhere.
         # memrl.rollout reads the reply after the reasoning (reply_start).
@@ -52,11 +54,22 @@ class Tokenizer:
         from memrl.hf_io import resolve_checkpoint
 
         ckpt = resolve_checkpoint(path)
-        hf = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)
+        try:
+            hf = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)
+        except (OSError, ValueError, TypeError) as e:  # no or broken tokenizer files: transformers' own message
+            raise CheckpointError(f"{ckpt}: no usable tokenizer ({type(e).__name__}: {str(e)[:300]})") from e
+        if not hf.encode("Ann has 3 pens.", add_special_tokens=False):
+            # transformers builds an empty tokenizer from a folder that lacks its vocabulary: refuse it, or every
+            # prompt would encode to nothing
+            raise CheckpointError(f"{ckpt}: the tokenizer has no vocabulary ({len(hf)} token(s)): tokenizer.json "
+                                  f"(or vocab.json + merges.txt) is missing")
         extra = ()
         gen_cfg = ckpt / "generation_config.json"
         if gen_cfg.is_file():  # Qwen lists several eos ids here (<|im_end|> and <|endoftext|>)
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            try:
+                eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{gen_cfg}: not a JSON object ({e})") from e
             extra = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return cls(hf, chat=chat, extra_stop_ids=extra)
 

@@ -1,4 +1,5 @@
-"""Checkpoints: a save -> load round trip restores every piece of state bitwise; a crash mid-save is never resumed."""
+"""Checkpoints: a save -> load round trip restores every piece of state bitwise; a crash mid-save is never resumed; a
+corrupt checkpoint is named and skipped for the newest intact one; non-finite weights are never saved."""
 import copy
 import os
 import random
@@ -13,8 +14,9 @@ import torch
 
 from memrl import hf_io
 from memrl.checkpoint import (STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint,
-                              resolve_resume, save_checkpoint)
+                              load_first_intact, resolve_resume, save_checkpoint)
 from memrl.config import preset
+from memrl.errors import CheckpointError
 from tests.test_algo import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +103,7 @@ def test_keep_last_and_listing(tmp_path, tiny):
         save_checkpoint(tmp_path, step, model, opt, sched, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000015", "step_00000020"]
     assert resolve_resume(tmp_path, "") is None
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(tmp_path, str(tmp_path / "nope"))
 
 
@@ -153,3 +155,40 @@ def test_resume_at_another_world_size_is_refused(tmp_path, tiny):
     torch.save(state, path / STATE_FILE)
     with pytest.raises(ValueError, match="resume at the same world size"):
         load_checkpoint(path, model, opt, sched)
+
+
+@pytest.mark.parametrize("damage", ["empty state", "truncated state", "truncated weights", "weights gone"])
+def test_a_corrupt_latest_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, tiny, damage):
+    model, opt, sched = _setup(tiny)
+    _train_step(model, opt, sched, 0)
+    good = save_checkpoint(tmp_path, 1, model, opt, sched, data_state={"cursor": 1}, keep_last=3)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_step(model, opt, sched, 1)
+    bad = save_checkpoint(tmp_path, 2, model, opt, sched, data_state={"cursor": 2}, keep_last=3)
+    victim = bad / (STATE_FILE if "state" in damage else "model.safetensors")
+    if damage == "weights gone":
+        victim.unlink()
+    else:
+        victim.write_bytes(b"" if damage == "empty state" else victim.read_bytes()[: victim.stat().st_size // 2])
+    fresh, opt2, sched2 = _setup(tiny)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match=victim.name):  # a bad file is named, and changes nothing
+        load_checkpoint(bad, fresh, opt2, sched2)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    skipped = []
+    path, state = load_first_intact(list_checkpoints(tmp_path)[::-1], fresh, opt2, sched2, report=skipped.append)
+    assert path == good and state["data"] == {"cursor": 1} and len(skipped) == 1 and victim.name in skipped[0]
+    assert all(torch.equal(v, expected[k]) for k, v in fresh.state_dict().items())
+    victim = good / STATE_FILE
+    victim.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="none of the 2 checkpoint"):
+        load_first_intact(list_checkpoints(tmp_path)[::-1], fresh, opt2, sched2, report=skipped.append)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, tiny):
+    model, opt, sched = _setup(tiny)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        save_checkpoint(tmp_path, 1, model, opt, sched)
+    assert list_checkpoints(tmp_path) == [] and not any((tmp_path / "checkpoints").glob("*"))

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from memrl.config import (RUN_CONFIG_NAME, Config, ConfigError, describe, load_config, parse_cli, preset,
-                          save_config)
+from memrl.config import (RUN_CONFIG_NAME, Config, ConfigError, check_for_training, config_changes, describe,
+                          load_config, parse_cli, preset, save_config)
 
 
 def test_paper_presets_hold_the_papers_numbers():
@@ -51,7 +51,7 @@ def test_overrides_dotted_flat_and_flags():
     (["--dynamic_sampling=maybe"], "--algo.dynamic_sampling: expected bool"),
     (["--kl_coeff=1"], "unknown config key (did you mean"),
     (["--algo.nope=1"], "--algo.nope: unknown config key"),
-    (["--algo.clip_c=0.5"], "--algo.clip_c: algo.clip_c must be > 1"),
+    (["--algo.clip_c=0.5"], "--algo.clip_c: must be finite and > 1, got 0.5"),
     (["--rollout.condition=chat"], "--rollout.condition"),
     (["--rollout.condition=full_history"], "full_history is the paper's evaluation condition"),
     (["--algo.updates_per_rollout=4"], "replaced by algo.mini_batches"),
@@ -62,13 +62,56 @@ def test_overrides_dotted_flat_and_flags():
     (["--preset=huge"], "unknown preset 'huge'"),
     (["--rollout.memory_template=no placeholders"], "lacks the placeholder"),
     (["batch_size=3"], "expected --key=value"),
-    (["--algo.dynamic_sampling", "--rollout.group_size=1"], "dynamic sampling needs group_size >= 2"),
-    (["--data.noise_variant=mixed"], "noisy variants need data.noise_path"),
+    (["--algo.dynamic_sampling", "--rollout.group_size=1"], "--algo.dynamic_sampling: needs rollout.group_size >= 2"),
+    (["--data.noise_variant=mixed"], "--data.noise_variant=mixed: needs data.noise_path"),
+    # non-finite or out-of-range values: `inf` and `nan` parse as floats, so each range is checked
+    (["--optim.lr=inf"], "--optim.lr: must be in (0, 1], got inf"),
+    (["--optim.lr=nan"], "--optim.lr: must be in (0, 1], got nan"),
+    (["--optim.lr=1e30"], "--optim.lr: must be in (0, 1], got 1e+30"),
+    (["--rollout.temperature=inf"], "--rollout.temperature: must be in [0.05, 10.0]"),
+    (["--rollout.temperature=1e-30"], "--rollout.temperature: must be in [0.05, 10.0]"),
+    (["--rollout.temperature=0"], "--rollout.temperature: must be in [0.05, 10.0]"),
+    (["--rollout.top_p=nan"], "--rollout.top_p: must be in (0, 1]"),
+    (["--algo.kl_coef=nan"], "--algo.kl_coef: must be finite and >= 0"),
+    (["--algo.kl_coef=inf"], "--algo.kl_coef: must be finite and >= 0"),
+    (["--algo.eps_low=1"], "--algo.eps_low: must be in [0, 1)"),
+    (["--algo.eps_high=inf"], "--algo.eps_high: must be in [0, 10]"),
+    (["--algo.clip_c=inf"], "--algo.clip_c: must be finite and > 1"),
+    (["--optim.grad_clip=inf"], "--optim.grad_clip: must be finite and > 0"),
+    (["--optim.betas=0.9,nan"], "--optim.betas: must be two values in [0, 1)"),
+    (["--optim.adam_eps=0"], "--optim.adam_eps: must be in [1e-20, 1]"),
+    (["--optim.weight_decay=-0.1"], "--optim.weight_decay: must be in [0, 1]"),
+    (["--train.allow_config_change=optim.nope"], "'optim.nope' is not a config key"),
 ])
 def test_bad_overrides_name_the_key(args, message):
     with pytest.raises(ConfigError) as exc:
         parse_cli(args)
     assert message in str(exc.value)
+
+
+def test_temperature_edges_are_accepted_and_json_infinity_refused(tmp_path):
+    assert parse_cli(["--rollout.temperature=0.05"]).rollout.temperature == 0.05
+    assert parse_cli(["--rollout.temperature=10"]).rollout.temperature == 10.0
+    path = save_config(preset("default"), tmp_path / RUN_CONFIG_NAME)
+    path.write_text(path.read_text().replace('"lr": 0.0002', '"lr": Infinity'))  # Python's json reads Infinity
+    with pytest.raises(ConfigError, match=r"optim.lr: must be in \(0, 1\], got inf"):
+        load_config(path)
+
+
+def test_rules_between_fields_do_not_depend_on_the_order():
+    a = parse_cli(["--data.noise_variant=mixed", "--data.noise_path=wiki.txt"])
+    b = parse_cli(["--data.noise_path=wiki.txt", "--data.noise_variant=mixed"])
+    assert a == b and a.data.noise_variant == "mixed"
+
+
+def test_config_changes_and_the_training_rules():
+    old = preset("default")
+    new = parse_cli(["--optim.lr=1e-3", "--train.max_steps=40"])
+    assert config_changes(old, new) == [("optim.lr", 2e-4, 1e-3), ("train.max_steps", 20, 40)]
+    with pytest.raises(ConfigError, match=r"--data.eval_path: empty while data.train_path=x.jsonl"):
+        check_for_training(parse_cli(["--data.train_path=x.jsonl"]))
+    check_for_training(parse_cli(["--data.train_path=x.jsonl", "--data.eval_path=none"]))
+    check_for_training(parse_cli(["--data.train_path=x.jsonl", "--data.eval_path=y.jsonl"]))
 
 
 def test_flat_name_must_be_unique(monkeypatch):

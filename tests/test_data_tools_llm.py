@@ -27,6 +27,7 @@ from data_tools.runner import failures_path
 from data_tools.schema import read_episodes
 from data_tools.sentences import sentences
 from data_tools.shard import main as shard_main
+from memrl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-SECRET-7f3a9c"  # must never appear in any output, log or file
@@ -39,7 +40,18 @@ BASE = [
 ]
 
 
-def canned_reply(messages: list[dict], calls: Counter) -> tuple[int, str, float]:
+@dataclass(frozen=True)
+class RawBody:
+    """A 200 whose body is not a chat completion, as a misbehaving proxy or endpoint sends one."""
+    content_type: str
+    body: bytes
+
+
+HTML_PAGE = RawBody("text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>")
+BROKEN_JSON = RawBody("application/json", b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess')
+
+
+def canned_reply(messages: list[dict], calls: Counter) -> tuple[int, str | RawBody, float]:
     """(HTTP status, reply content, seconds to sleep first) for one chat request."""
     system = messages[0]["content"]
     stages = {prompts.SEGMENT_SYSTEM: "segment", prompts.VERIFY_SYSTEM: "verify", prompts.EXTRACT_SYSTEM: "extract"}
@@ -52,6 +64,10 @@ def canned_reply(messages: list[dict], calls: Counter) -> tuple[int, str, float]
         return 500, "server exploded", 0.0
     if ("[slow-always]" in problem or "[slow-once]" in problem and n == 1) and stage == "segment":
         return 200, "", 1.5  # the client's timeout is shorter: it gives up and retries
+    if "[html-200]" in problem and stage == "segment":
+        return 200, HTML_PAGE, 0.0
+    if "[badjson-once]" in problem and stage == "verify" and n == 1:
+        return 200, BROKEN_JSON, 0.0
     if "[malformed-always]" in problem or ("[malformed-once]" in problem and stage == "segment" and n == 1):
         return 200, 'Sure! {"units": ["Tom has 12 marbles.", ', 0.0
     if stage == "segment":
@@ -100,6 +116,13 @@ class ChatServer:
                 time.sleep(sleep + server.delay)
                 if status != 200:
                     return self._send(status, {"error": {"message": content, "type": "server_error"}})
+                if isinstance(content, RawBody):
+                    self.send_response(200)
+                    self.send_header("Content-Type", content.content_type)
+                    self.send_header("Content-Length", str(len(content.body)))
+                    self.end_headers()
+                    self.wfile.write(content.body)
+                    return
                 self._send(200, {
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
@@ -199,6 +222,24 @@ def test_http_pipeline_retries_and_records_failures(tmp_path, monkeypatch, capsy
     assert not server3.calls
 
 
+def test_a_200_that_is_not_a_chat_completion_is_that_problems_failure(tmp_path, monkeypatch):
+    """An HTML page or truncated JSON with status 200: recorded as the problem's failure (bad_response) or retried,
+    and the run goes on with the other problems."""
+    monkeypatch.setenv("MEMRL_TEST_KEY", SECRET)
+    texts = [BASE[0], BASE[1] + " [html-200]", BASE[2] + " [badjson-once]", BASE[3]]
+    inp, out = tmp_path / "test.jsonl", tmp_path / "out.jsonl"
+    write_gsm8k(inp, texts)
+    with ChatServer() as server:
+        rc = shard_main(llm_args(inp, out, server.url, "--max-retries", "0", "--max-attempts", "2"))
+    assert rc == 0
+    assert sorted(e["id"] for e in read_episodes(out)) == ["gsm8k-test-0", "gsm8k-test-2", "gsm8k-test-3"]
+    (fail,) = map(json.loads, failures_path(out).read_text().splitlines())
+    assert fail["id"] == "gsm8k-test-1" and fail["reason"] == "bad_response" and fail["attempts"] == 2
+    assert "not a chat completion" in fail["detail"] and "502 Bad Gateway" in fail["detail"]
+    assert server.calls[(texts[2], "verify")] == 2  # the broken JSON was one failed attempt, retried
+    assert_secret_nowhere(folder=tmp_path)
+
+
 def test_slow_server_fails_with_timeout_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMRL_TEST_KEY", SECRET)
     inp, out = tmp_path / "test.jsonl", tmp_path / "out.jsonl"
@@ -215,7 +256,7 @@ def test_missing_key_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("MEMRL_TEST_KEY", raising=False)
     inp = tmp_path / "test.jsonl"
     write_gsm8k(inp, BASE[:1])
-    with pytest.raises(SystemExit, match="MEMRL_TEST_KEY is not set"):
+    with pytest.raises(ConfigError, match="MEMRL_TEST_KEY is not set"):
         shard_main(llm_args(inp, tmp_path / "o.jsonl", "http://127.0.0.1:9/v1"))
 
 

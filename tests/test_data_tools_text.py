@@ -2,6 +2,9 @@
 the rule sharder over ALL of GSM8K train/test and MATH500 (skipped when ../shared/data is absent)."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,6 +16,8 @@ from data_tools.datasets import load_gsm8k, load_math500, load_problems
 from data_tools.rule_shard import ShardingError, rule_shard
 from data_tools.schema import DataError, read_episodes, validate_episode
 from data_tools.sentences import protected_spans, sentences
+
+REPO = Path(__file__).resolve().parents[1]
 from data_tools.shard import main as shard_main
 from data_tools.shard import rule_outcome
 
@@ -147,8 +152,8 @@ def test_cli_bad_input_names_file_line_field(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "Q?", "answer": "#### 1"}) + "\n" + json.dumps({"answer": "#### 1"}) + "\n")
     args = ["--input", str(bad), "--dataset", "gsm8k", "--method", "rule", "--out", str(tmp_path / "o.jsonl")]
-    assert shard_main(args) == 2
-    assert "bad.jsonl:2: field 'question': missing" in capsys.readouterr().err
+    with pytest.raises(DataError, match="bad.jsonl:2: field 'question': missing"):
+        shard_main(args)
 
 
 # --- real data: every problem of GSM8K train/test and MATH500 -------------------------------------------------
@@ -184,3 +189,23 @@ def test_rule_sharder_on_all_real_math_data(tmp_path, capsys):
     assert len(eps) == 500 and len({e["id"] for e in eps}) == 500
     assert sum(bool(e["metadata"].get("unsharded")) for e in eps) == 160
     assert "episodes: 500" in capsys.readouterr().out
+
+
+def test_the_rule_sharder_is_linear_on_hostile_input(tmp_path):
+    """Shapes that used to cost the square of their length (an opener without its closer searched for from every
+    opener, every blank-line paragraph counted against all others, a long word re-scanned from each letter), each
+    ~500 kB, sharded and checked in a subprocess. Linear: seconds; the old code: hours. The bound is generous."""
+    script = tmp_path / "hostile.py"
+    script.write_text(
+        "from data_tools.datasets import Problem\n"
+        "from data_tools.shard import rule_outcome\n"
+        "n = 500_000\n"
+        "shapes = ['Let \\\\[ x. ' * (n // 10), 'A b.\\n\\n' * (n // 6) + 'What?',\n"
+        "          '$' + 'a' * n + '$ What is it?', 'x \\\\begin{align} y. ' * (n // 19) + 'What?',\n"
+        "          'How many? ' + 'Express your answer as a fraction. ' * (n // 36)]\n"
+        "for text in shapes:\n"
+        "    print(rule_outcome(Problem('p', text, '1')).reason, flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.split()) == 5  # every shape came back with an outcome (a failure reason or None)

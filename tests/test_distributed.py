@@ -75,20 +75,23 @@ def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    return f"--data.train_path={episodes_file(tmp_path_factory.mktemp('data') / 'train.jsonl')}"
+def data(tmp_path_factory) -> list[str]:
+    """Training data, and its first data.eval_limit episodes as the held-out set (train.py wants an eval set of the
+    same task)."""
+    path = episodes_file(tmp_path_factory.mktemp('data') / 'train.jsonl')
+    return [f"--data.train_path={path}", f"--data.eval_path={path}"]
 
 
 @pytest.fixture(scope="module")
 def one_step_on_two(tmp_path_factory, data) -> Path:
     run_dir = tmp_path_factory.mktemp("two") / "run"
-    train(2, data, f"--train.run_dir={run_dir}", "--train.max_steps=1")
+    train(2, *data, f"--train.run_dir={run_dir}", "--train.max_steps=1")
     return run_dir
 
 
 def test_two_processes_equal_one_process(one_step_on_two, data, tmp_path):
     single = tmp_path / "one"
-    train(1, data, f"--train.run_dir={single}", "--train.max_steps=1")
+    train(1, *data, f"--train.run_dir={single}", "--train.max_steps=1")
     a, b = rows(single), rows(one_step_on_two)
     step_a, step_b = a[1], b[1]
     assert step_a["kind"] == step_b["kind"] == "train"
@@ -117,8 +120,8 @@ def test_two_processes_equal_one_process(one_step_on_two, data, tmp_path):
 def test_resume_on_two_processes_is_exact(one_step_on_two, data, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     shutil.copytree(one_step_on_two, parts)  # 1 step, checkpointed at step 1
-    train(2, data, f"--train.run_dir={whole}", "--train.max_steps=2")
-    out = train(2, data, f"--train.run_dir={parts}", "--train.max_steps=2", "--resume")
+    train(2, *data, f"--train.run_dir={whole}", "--train.max_steps=2")
+    out = train(2, *data, f"--train.run_dir={parts}", "--train.max_steps=2", "--resume")
     assert "resumed from" in out.stdout
     state = torch.load(parts / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
@@ -127,7 +130,7 @@ def test_resume_on_two_processes_is_exact(one_step_on_two, data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # CPU fp32: bitwise
 
     # another world size is refused with a clear message (rank 0 would slice the data differently)
-    bad = train(1, data, f"--train.run_dir={parts}", "--train.max_steps=3", "--resume", check=False)
+    bad = train(1, *data, f"--train.run_dir={parts}", "--train.max_steps=3", "--resume", check=False)
     assert bad.returncode != 0 and "resume at the same world size" in bad.stderr
 
 
@@ -138,9 +141,9 @@ def test_bf16_compute_keeps_fp32_masters_and_resumes_bitwise(data, tmp_path):
     are fp32 (in trainer_state.pt), the HF export is them cast to bf16, and a resume continues bit for bit."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     bf16 = ["--model.dtype=bfloat16", "--train.eval_at_start=false"]
-    train(1, data, *bf16, f"--train.run_dir={whole}", "--train.max_steps=2")
-    train(1, data, *bf16, f"--train.run_dir={parts}", "--train.max_steps=1")
-    out = train(1, data, *bf16, f"--train.run_dir={parts}", "--train.max_steps=2", "--resume")
+    train(1, *data, *bf16, f"--train.run_dir={whole}", "--train.max_steps=2")
+    train(1, *data, *bf16, f"--train.run_dir={parts}", "--train.max_steps=1")
+    out = train(1, *data, *bf16, f"--train.run_dir={parts}", "--train.max_steps=2", "--resume")
     assert "resumed from" in out.stdout and "fp32 masters" in out.stdout
     assert rows(whole) == rows(parts)  # every logged number, bit for bit
     assert rows(whole)[0]["kind"] == "train"  # eval_at_start=false: no step-0 evaluation

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from memrl.episodes import Episode, EpisodeFormatError, load_episodes, validate_record, write_episodes
+from memrl.errors import DataError
 
 
 def _ep(i=0, **kw):
@@ -55,7 +56,8 @@ def test_every_problem_reported_by_file_and_line(tmp_path):
     ])
     with pytest.raises(EpisodeFormatError) as exc:
         load_episodes(path, max_shards=3, max_shard_tokens=30, count_tokens=len)
-    msg = str(exc.value)
+    msg = "\n".join([str(exc.value)] + exc.value.details)
+    assert str(exc.value).startswith(f"{path}:2: malformed JSON") and "(14 problem(s) in this file" in str(exc.value)
     expected = {
         2: "malformed JSON", 3: "field 'answer': missing", 4: "field 'question': empty",
         5: "field 'shards': expected a list of strings, got str", 6: "field 'shards': empty list",
@@ -72,15 +74,15 @@ def test_every_problem_reported_by_file_and_line(tmp_path):
 
 def test_max_errors_caps_the_report(tmp_path):
     path = _write(tmp_path / "bad.jsonl", ["{"] * 30)
-    with pytest.raises(EpisodeFormatError, match=r"30 problem\(s\)[\s\S]*and 10 more") as exc:
+    with pytest.raises(EpisodeFormatError, match=r"30 problem\(s\)") as exc:
         load_episodes(path, max_errors=20)
-    assert len(exc.value.problems) == 20
+    assert len(exc.value.problems) == 20 and exc.value.details[-1] == "... and 10 more"
 
 
 def test_limits_need_a_token_counter_and_files_must_exist(tmp_path):
     with pytest.raises(ValueError, match="count_tokens"):
         load_episodes(_write(tmp_path / "e.jsonl", [_ep()]), max_shard_tokens=10)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="missing.jsonl: no such episode file"):
         load_episodes(tmp_path / "missing.jsonl")
     with pytest.raises(EpisodeFormatError, match="empty"):
         load_episodes(_write(tmp_path / "empty.jsonl", [""]))
@@ -115,3 +117,12 @@ def test_one_schema_for_writer_and_reader():
             schema.validate_episode(obj, "f.jsonl", 7)
         assert str(exc.value).startswith(f"f.jsonl:7: {first}")
     assert schema.validate_episode(_ep()) == _ep()
+
+
+def test_a_byte_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    second = json.dumps(_ep(1)).replace("Ann", "Ren\u00e9e")
+    path.write_bytes(json.dumps(_ep(0)).encode() + b"\n" + second.encode("latin-1") + b"\n")
+    with pytest.raises(EpisodeFormatError) as exc:
+        load_episodes(path)
+    assert str(exc.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at column {second.index('Ren') + 4})"

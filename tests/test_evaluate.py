@@ -12,6 +12,7 @@ import pytest
 import evaluate
 from memrl.config import preset
 from memrl.episodes import Episode, write_episodes
+from memrl.errors import CheckpointError
 from memrl.generate import Completion
 from memrl.rollout import CONDITIONS
 from tests.tiny import make_tiny_checkpoint
@@ -69,6 +70,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
          f"--conditions={','.join(CONDITIONS)}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert f"{ckpt} on eps (memory, n=3)" in proc.stderr  # the progress bar says what it evaluates
     assert ("| checkpoint | single_turn | full_history | conversation | memory | LiC drop (full_history) | "
             "LiC drop (conversation) | LiC drop (memory) |") in proc.stdout
     res = json.loads(out.read_text())
@@ -93,5 +95,5 @@ def test_plot_of_training_curves(tmp_path):
 
 def test_resolve_policy(tmp_path):
     assert evaluate.resolve_policy("") == REPO / "assets" / "synthetic-policy"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
         evaluate.resolve_policy(str(tmp_path))  # neither a checkpoint nor a run directory with checkpoints

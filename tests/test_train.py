@@ -57,7 +57,8 @@ def test_resume_reproduces_an_uninterrupted_run_bitwise(tmp_path):
     run_train(*SMALL, f"--train.run_dir={parts}", "--train.max_steps=2")  # stopped right after the checkpoint
     assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["step_00000002"]
     out = run_train(*SMALL, f"--train.run_dir={parts}", "--train.max_steps=4", "--resume")
-    assert "resumed from" in out.stdout
+    assert "resumed from" in out.stdout and "changed: train.max_steps: 2 -> 4" in out.stdout
+    assert "eval @ step 4: synthetic:coin-tally/eval (memory, n=8)" in out.stderr  # progress says what it evaluates
 
     a, b = metrics(whole), metrics(parts)
     assert a == b  # every logged number, bit for bit (json round-trips floats exactly)
