@@ -145,7 +145,8 @@ t_model_ready = time.time()  # the first step's row reports the time from here (
 rollout_model = rollout_view(policy)
 with gathered_for_rollout(policy, rollout_model) as gen_model:
     generator = Generator(gen_model, tokenizer.vocab_size, compile=None if cfg.rollout.compile != "none" else False,
-                          compile_prefill=cfg.rollout.compile == "all")  # generates with the live policy weights
+                          compile_prefill=cfg.rollout.compile == "all",
+                          compile_layers=cfg.rollout.compile == "layers")  # generates with the live policy weights
 templates = Templates.from_config(cfg.rollout)
 sampling = Sampling.from_config(cfg.rollout)
 if tokenizer.vocab_size > policy.config.vocab_size:  # an id past the embedding would index out of range

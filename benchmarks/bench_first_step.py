@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warm", action="store_true")
     ap.add_argument("--levers", action="store_true")
     ap.add_argument("--compile-train", action="store_true")
-    ap.add_argument("--generator-compile", choices=("decode", "all", "none"), default="decode")
+    ap.add_argument("--generator-compile", choices=("decode", "all", "layers", "none"), default="decode")
     ap.add_argument("--budget", type=float, default=230.0)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()

@@ -332,13 +332,15 @@ def print_breakdown(b: dict) -> None:
 def run_ours(gen: Generator, prompts, new: int) -> dict:
     params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0)
     gen.generate(prompts, params)  # warm: CUDA graphs captured, kernels compiled
+    compile_s = gen.last_stats.get("compile_s", 0.0)
     out = gen.generate(prompts, params)
     s = gen.last_stats
     assert all(len(c.token_ids) == new for c in out)
     decode_s = s["total_s"] - s["prefill_s"] - s["capture_s"] - s["compile_s"]
     return {"total_s": s["total_s"], "new_tok_per_s": len(prompts) * new / s["total_s"],
             "prefill_s": s["prefill_s"], "decode_s": decode_s,
-            "decode_ms_per_step": 1e3 * decode_s / max(1, s["decode_steps"]), "capture_s_warm_call": s["capture_s"]}
+            "decode_ms_per_step": 1e3 * decode_s / max(1, s["decode_steps"]), "capture_s_warm_call": s["capture_s"],
+            "compile_s_first_call": compile_s}
 
 
 def run_prefill(gen: Generator, prompts) -> dict:
@@ -382,6 +384,8 @@ def main():
     ap.add_argument("--rows", default="", help="comma-separated row counts: only those shapes (e.g. 256,512)")
     ap.add_argument("--no-attention", action="store_true", help="skip the decode-attention micro-benchmark")
     ap.add_argument("--compile-prefill", action="store_true", help="compile the prefill too (default: eager)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="compile the decode step per layer (rollout.compile=layers) instead of whole")
     args = ap.parse_args()
     t_start = time.perf_counter()
     on_gpu = torch.cuda.is_available() and not args.cpu
@@ -403,6 +407,7 @@ def main():
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "compile": not args.no_compile and on_gpu, "compile_prefill": args.compile_prefill,
+        "compile_layers": args.compile_layers,
     }
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     ceil = ceilings(device, dtype)
@@ -424,7 +429,7 @@ def main():
     embed = cfg.vocab_size * cfg.hidden_size
     # compile_fallback=False: a compiler failure must fail the shape, not time an eager fallback as "ours"
     gen = Generator(model, vocab_size=vocab, kv_memory_fraction=0.85, compile=env["compile"], compile_fallback=False,
-                    compile_prefill=args.compile_prefill)
+                    compile_prefill=args.compile_prefill, compile_layers=args.compile_layers)
     kv_bpt = gen.cache.bytes_per_token
     g = torch.Generator().manual_seed(0)
 
@@ -445,7 +450,8 @@ def main():
                  pct_roofline=100 * roof_ms / r["decode_ms_per_step"])
         results["ours"].append(r)
         print(f"ours {rows}x{plen}/{new}: {r['new_tok_per_s']:,.0f} new tok/s | decode {r['decode_ms_per_step']:.2f} "
-              f"ms/step, roofline {roof_ms:.2f} ({r['pct_roofline']:.0f}%) | prefill {r['prefill_s']:.2f}s "
+              f"ms/step, roofline {roof_ms:.2f} ({r['pct_roofline']:.0f}%) | prefill {r['prefill_s']:.2f}s | first call "
+              f"compiled {r['compile_s_first_call']:.1f}s "
               f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
         # after this shape's measurements, on the same generator (its cache and graphs): nothing new to allocate
         if on_gpu and not args.no_breakdown:
@@ -540,7 +546,7 @@ def write(res: dict, out: Path, t_start: float, echo: bool = False) -> None:
         "# Generator benchmark", "",
         *[f"**{msg}**" for msg in res.get("errors", [])], *([""] if res.get("errors") else []),
         f"{e['device']} | torch {e['torch']} (CUDA {e['cuda']}) | triton {e['triton']} | transformers "
-        f"{e['transformers']} | {e['date']} | compile={e['compile']} | compile_prefill={e.get('compile_prefill')}", "",
+        f"{e['transformers']} | {e['date']} | compile={e['compile']} | compile_prefill={e.get('compile_prefill')} | compile_layers={e.get('compile_layers')}", "",
         f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read + write), {c['dtype']} GEMM "
         f"{c['gemm_size']}^3 {c['gemm_TFLOPs']:.3g} TFLOP/s. Model: {res['params'] / 1e6:,.1f}M params, random.", "",
         "| rows x prompt/new | ours new tok/s | best transformers | x | decode ms/step | roofline ms | % roofline |",

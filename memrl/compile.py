@@ -79,6 +79,58 @@ def _dispatcher(module: torch.nn.Module, backend: str):
     return forward
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the generator's decode step, compiled per layer (`rollout.compile=layers`)
+
+
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile each decoder layer's two halves around its attention (memrl/model.py DecoderLayer.attention_inputs:
+    norm, q/k/v GEMM, RoPE; attention_output_and_mlp: o_proj, residual, norm, SwiGLU, residual) for the generator's
+    decode step, in place; returns the number of layers. Why: compiling the whole decode step traces all L layers
+    into one graph (43 s for the 1.5B's 28 layers, most of the first RL step's excess, BENCHMARKS.md); the halves are
+    the same code in every layer, so ONE compiled function per half serves them all (the module is an argument), and
+    what differs per layer (the KV cache a layer's attention reads) stays outside the compiled code. What fuses is
+    the same elementwise work; the attention kernels are opaque to the compiler either way. Decode calls only
+    ([B >= 2, 1 token, ...], no grad) run compiled, with B dynamic (one graph for every CUDA-graph bucket); anything
+    else (training, scoring, a prefill, a batch of 1 the compiler would specialise) runs the eager code."""
+    from memrl.model import DecoderLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, DecoderLayer) and "attention_inputs" not in vars(module):
+            for name in ("attention_inputs", "attention_output_and_mlp"):
+                setattr(module, name, _decode_dispatcher(module, name, backend))
+            n += 1
+    return n
+
+
+def _decode_dispatcher(module: torch.nn.Module, name: str, backend: str):
+    eager = getattr(type(module), name)
+    key = (type(module), name, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(eager, backend=backend)
+    compiled = _COMPILED[key]
+
+    def half(x: torch.Tensor, *rest: torch.Tensor):
+        if (x.shape[0] < 2 or x.shape[1] != 1 or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return eager(module, x, *rest)
+        for t in (x, *rest):  # every input leads with the batch: one graph for any number of rows
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(module, x, *rest)  # the generator counts the compile time of its calls (stats compile_s)
+
+    return half
+
+
+def uncompile_layers(model: torch.nn.Module) -> None:
+    """Undo compile_layers: every decoder layer runs its class's eager code again."""
+    from memrl.model import DecoderLayer
+
+    for module in model.modules():
+        if isinstance(module, DecoderLayer):
+            for name in ("attention_inputs", "attention_output_and_mlp"):
+                vars(module).pop(name, None)
+
+
 def _compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far: a call that raised it compiled."""
     from torch._dynamo.utils import counters

@@ -86,7 +86,8 @@ class RolloutCfg:
     thinking_budget_tokens: int = 0  # thinking models: room for <think> reasoning on top of each turn's budget;
     # the memory / answer after the reasoning keeps its own cap (memrl/rollout.py says why)
     compile: str = "decode"  # what the generator torch.compiles: decode (its CUDA-graphed step; prefill eager: one
-    # compile less in the first step, memrl/generate.py) | all (decode + prefill) | none
+    # compile less in the first step, memrl/generate.py) | all (decode + prefill) | layers (the decode step's
+    # layers, one compile for all of them: seconds instead of tens in the first step; memrl/compile.py) | none
     length_profile: str = ""  # benchmarks, with ignore_eos: each request stops at a length drawn from this named
     # distribution (memrl/length_profile.py: a real model's lengths) instead of its full budget; "" = off
     initial_memory: str = "No previous memory."  # the fixed memory m_0 shown at the first turn
@@ -112,7 +113,8 @@ class RolloutCfg:
         assert in_range(self.top_p, 0, 1, lo_open=True), f"rollout.top_p: must be in (0, 1], got {self.top_p}"
         assert self.top_k >= 0, "rollout.top_k must be >= 0"
         assert self.eval_samples >= 0, "rollout.eval_samples must be >= 0"
-        assert self.compile in ("decode", "all", "none"), f"rollout.compile: {self.compile!r} (decode | all | none)"
+        assert self.compile in ("decode", "all", "layers", "none"), \
+            f"rollout.compile: {self.compile!r} (decode | all | layers | none)"
         assert not self.length_profile or self.ignore_eos, "rollout.length_profile needs rollout.ignore_eos=true"
         assert not self.length_profile or self.length_profile in PROFILES, (
             f"rollout.length_profile: unknown {self.length_profile!r}; known: {sorted(PROFILES)}")

@@ -83,6 +83,7 @@ import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 from kernels.backend import get_backend
+from memrl.compile import compile_layers as compile_layers_, uncompile_layers
 from memrl.kv_cache import KVCache, decode_attention_op, extend_attention_op, prefill_attention_op
 from memrl.kv_retain import Retained, RetainedKV
 from memrl.model import Transformer
@@ -173,7 +174,7 @@ class Generator:
                  kv_memory_fraction: float = 0.5, prefill_tokens: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | None = None, sync_every: int | None = None,
                  kernels: str | None = None, compile_fallback: bool = True, compile_prefill: bool = False,
-                 retain_budget_tokens: int | None = None):
+                 retain_budget_tokens: int | None = None, compile_layers: bool = False):
         """model: our Transformer (any device/dtype). vocab_size: the tokenizer's real size (ids above it are masked).
 
         kv_budget_tokens: KV cache size in tokens (all rows x their slot length); default on GPU: kv_memory_fraction
@@ -182,6 +183,9 @@ class Generator:
         cuda_graphs / compile: default on when the model is on CUDA. A compiler failure falls back to eager with a
           warning (and sets `compile_error`), or raises with compile_fallback=False (benchmarks: no silent regression).
         compile_prefill: compile the prefill too (with `compile`); off by default: see "first call" above.
+        compile_layers: with `compile`, compile each decoder layer's two halves around its attention, once for all
+          layers (memrl/compile.py compile_layers), instead of the whole decode step: seconds of compilation instead
+          of tens; prefill and continuation then run eagerly.
         sync_every: decode steps between host looks at the device; default 16 on GPU, 1 on CPU (syncs are free).
         kernels: "triton" | "torch" | None (kernels.get_backend(); "auto" = Triton on CUDA, the torch references on
           CPU even under TRITON_INTERPRET, which is for kernel tests — pass "triton" to run the interpreter).
@@ -201,7 +205,10 @@ class Generator:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.compile = on_cuda if compile is None else compile
         self.compile_fallback = compile_fallback
-        self.compile_prefill = compile_prefill
+        self.compile_prefill = compile_prefill and not compile_layers
+        self.compile_layers = self.compile and compile_layers
+        if self.compile_layers:
+            compile_layers_(model)
         self.compile_error: str | None = None
         self.kv_budget_tokens = kv_budget_tokens
         self.kv_memory_fraction = kv_memory_fraction
@@ -664,7 +671,8 @@ class Generator:
         """fn, compiled when self.compile. Every forward runs under no_grad whatever the caller's mode: the attention
         custom ops have no autograd formula, and a compile traced with grad on would fail on them (and keep
         activations for a backward that never comes). A call that compiled adds its time to compile_s."""
-        compiled = torch.compile(fn, dynamic=True) if self.compile else None
+        # per-layer compilation: fn stays eager, its layers' halves compile themselves on their first decode call
+        compiled = fn if self.compile_layers else torch.compile(fn, dynamic=True) if self.compile else None
 
         @torch.no_grad()
         def call(*args):
@@ -681,6 +689,8 @@ class Generator:
                     self.compile_error = f"{type(e).__name__}: {e}"
                     warnings.warn(f"torch.compile failed ({self.compile_error}); continuing eagerly")
                     self.compile = False
+                    if self.compile_layers:
+                        uncompile_layers(self.model)
                 else:
                     if _compiled_graphs() > graphs:
                         self._count("compile", time.perf_counter() - t0, _compiled_graphs() - graphs)

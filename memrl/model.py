@@ -253,7 +253,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, attn_fn: AttnFn | None):
+    def project(self, x, cos, sin):
+        """x [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D], RoPE applied (and Qwen3's q/k norms before it)."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)  # views of one (B, T, (Hq + 2 Hkv) * D) output
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -262,11 +263,19 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if attn_fn is not None:
-            out = attn_fn(self.layer_idx, q, k, v)
-        else:
-            out = attention(q, k, v, mask)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, mask, attn_fn: AttnFn | None):
+        """The attention itself: the KV-cache seam when given (the generator), else the packed / masked path."""
+        return attn_fn(self.layer_idx, q, k, v) if attn_fn is not None else attention(q, k, v, mask)
+
+    def forward(self, x, cos, sin, mask, attn_fn: AttnFn | None):
+        q, k, v = self.project(x, cos, sin)
+        return self.output(self.attend(q, k, v, mask, attn_fn))
+
+    def output(self, out):
+        """out [B, Hq, T, D] -> o_proj of the heads side by side [B, T, H]."""
+        B, _, T, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -291,7 +300,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, attn_fn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, attn_fn)
+        q, k, v = self.attention_inputs(x, cos, sin)
+        return self.attention_output_and_mlp(x, self.self_attn.attend(q, k, v, mask, attn_fn))
+
+    # The block around its attention call, in two halves: what memrl/compile.py's compile_layers compiles for the
+    # generator (one compiled function per half, shared by every layer: the attention, which differs per layer
+    # through its KV cache index, stays outside).
+    def attention_inputs(self, x, cos, sin):
+        """Input RMSNorm, the q/k/v GEMM, RoPE."""
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def attention_output_and_mlp(self, x, out):
+        """o_proj, residual, post-attention RMSNorm, SwiGLU MLP, residual."""
+        x = x + self.self_attn.output(out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

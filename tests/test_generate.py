@@ -435,3 +435,40 @@ def test_one_compile_per_function_and_graphs_kept_across_layouts(qwen2, monkeypa
     assert got[4][3]["captures"] == 0 < got[0][3]["captures"]  # back to layout 1: its graphs are reused
     assert gen.lifetime["captures"] == sum(stats["captures"] for *_, stats in got)
 
+
+
+def test_per_layer_compile_once_for_all_layers(ckpts, monkeypatch):
+    """rollout.compile=layers (issue 11, first step): each decoder layer's two halves around its attention compile
+    ONCE for all layers and every batch size (2 graphs, not 2 per layer), over calls of every shape a rollout makes,
+    on the GPU schedule (padded buckets, graph warm-ups); tokens equal the uncompiled generator's; training's forward
+    (grad on) and a prefill still run the eager code; names and parameters of the model are untouched. Dynamo's own
+    backend stands in for inductor (same graphs and guards, no code generation)."""
+    from memrl.compile import uncompile_layers
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    model = load_model(ckpts["qwen2"], dtype=torch.float32)
+    assert model.config.num_hidden_layers >= 2  # else "once for all layers" would prove nothing
+    names = list(model.state_dict())
+    ids = torch.tensor([[5, 9, 3, 7]])
+    want_logits = model(ids)
+    gen = Generator(model, vocab_size=259, compile=True, compile_layers=True, compile_fallback=False,
+                    kv_budget_tokens=1024)
+    gen._pad_batches = gen._rehearse = True
+    got = _rollout_like_calls(gen)
+    assert gen.lifetime["compiles"] == 2, gen.lifetime  # attention_inputs + attention_output_and_mlp
+    want = _rollout_like_calls(Generator(load_model(ckpts["qwen2"], dtype=torch.float32), vocab_size=259))
+    for (_, _, a, _), (_, _, b, _) in zip(got, want):
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert list(model.state_dict()) == names
+    graphs = gen.lifetime["compiles"]
+    out = model(ids)  # grad on, one sequence of 4 tokens: the eager code, no new graph
+    out.sum().backward()
+    torch.testing.assert_close(out, want_logits, rtol=0, atol=0)
+    from memrl.compile import _compiled_graphs
+    before = _compiled_graphs()
+    model(ids)
+    assert _compiled_graphs() == before and gen.lifetime["compiles"] == graphs
+    uncompile_layers(model)
+    assert all("attention_inputs" not in vars(layer) for layer in model.model.layers)
