@@ -7,6 +7,7 @@
 #   bash scripts/h200_session.sh part FILE        # carry .gpu/parts/FILE: one <= 58 MiB piece of the GGUF
 #   bash scripts/h200_session.sh convert          # join + sha256 + transformers' GGUF reader (background, CPU)
 #   bash scripts/h200_session.sh real             # after bench + convert: the experiment (background)
+#   NOBENCH=1 bash scripts/h200_session.sh setup; bash scripts/h200_session.sh lease2   # the second lease
 #   bash scripts/h200_session.sh status           # what runs, the tails of the logs
 #   bash scripts/h200_session.sh collect          # everything into $OUT/results.tgz (one file comes back)
 #
@@ -53,13 +54,14 @@ setup)
     'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())"
   # benchmarks: packed attention (picks the training backend), issue 11's step / first step / decode, then the
   # conversation rollout; ~9 minutes on both GPUs
-  bg bench "cd $REPO && python3 -m benchmarks.bench_attention --out $BENCH/bench_attention.json --budget-s 150 \
+  [ -n "${NOBENCH:-}" ] || bg bench "cd $REPO && python3 -m benchmarks.bench_attention --out $BENCH/bench_attention.json --budget-s 150 \
     > $BENCH/bench_attention.log 2>&1; OUT=$BENCH/issue11 TOTAL_S=330 bash benchmarks/h200_issue11.sh \
     $G/raw/train.jsonl > $BENCH/issue11.log 2>&1; CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.bench_conversation \
     --out $BENCH/conversation > $BENCH/conversation.log 2>&1; true"
   ;;
-part)
-  cp ".gpu/parts/$2" $G/parts/ && echo "$(ls $G/parts | wc -l) files in $G/parts"
+part)  # FILE under .gpu/parts (the 1.5B) or .gpu05/parts (the 0.5B, `lease2`)
+  case "$2" in .gpu05/*) DEST=$G/parts05 ;; .gpu/*) DEST=$G/parts ;; *) DEST=$G/parts; set -- "$1" ".gpu/parts/$2" ;; esac
+  mkdir -p $DEST && cp "$2" $DEST/ && echo "$(ls $DEST | wc -l) files in $DEST"
   tail -n 2 $BENCH/*.log 2>/dev/null | tail -n 4
   ;;
 convert)
@@ -90,6 +92,44 @@ real)
      CUDA_VISIBLE_DEVICES=$((NPROC - 1)) $EVAL --checkpoint=trained=$RUN --conditions=single_turn,full_history \
        --out=$REAL/after_other.json > $REAL/after_other.log 2>&1; wait) && date && \
     python3 evaluate.py --plot $RUN/metrics.jsonl --plot_out=$REAL/curves.png"
+  ;;
+lease2)  # the second lease (after setup; the parts of both models follow, one call each): issue 11's first step with
+  # the per-layer decode compile (cold and warm cache, vs the whole-step compile, GPU 0) and the decode step both
+  # ways (GPU 1); the real 0.5B's step at real vs uniform lengths (GPU 1, once its parts are in); issue 12's
+  # memory-RL run on the 1.5B again with seeds 1 and 2 (one GPU each, as the GPUs free up), seed 0's settings
+  cp .gpu05/parts/manifest.json $G/parts05/ 2>/dev/null || { mkdir -p $G/parts05 && cp .gpu05/parts/manifest.json $G/parts05/; }
+  M05=$R/models/qwen2.5-coder-0.5b-instruct; P=$R/prepared
+  waitfor() { until [ -e $R/$1.done ] || [ -e $R/$1.failed ]; do sleep 5; done; }
+  allparts() {  # folder: every piece the manifest lists is there at its size
+    python3 -c "import json,os,sys; m=json.load(open('$1/manifest.json')); sys.exit(any(not os.path.exists('$1/'+p['name']) or os.path.getsize('$1/'+p['name'])!=p['size'] for p in m['pieces']))"
+  }
+  export -f waitfor allparts; export R G P M05 MODEL REPO BENCH
+  bg prep "cd $REPO && python3 -m benchmarks.bench_step prepare --data $G/raw/train.jsonl \
+    --wikitext $G/raw/wiki.test.raw --out $P --problems 256"
+  bg first "waitfor prep; cd $REPO && for c in layers decode; do \
+    CUDA_VISIBLE_DEVICES=0 timeout 420 python3 -m benchmarks.bench_first_step --prepared $P --out $BENCH/first_\$c \
+    --generator-compile \$c --steps 2 --budget 400; done"
+  bg gen "cd $REPO && for c in --compile-layers ''; do CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m \
+    benchmarks.bench_generate --no-hf --no-attention --rows 256,512 --budget-s 250 \$c \
+    --out $BENCH/generate\${c:+_layers}; done"
+  bg convert05 "until allparts $G/parts05; do sleep 5; done; cd $REPO && python3 scripts/gguf_to_hf.py \
+    --model qwen2.5-coder-0.5b-instruct --parts $G/parts05 --out $M05 --dtype bfloat16"
+  bg convert15 "until allparts $G/parts; do sleep 5; done; waitfor convert05; cd $REPO && python3 \
+    scripts/gguf_to_hf.py --model qwen2.5-coder-1.5b-instruct --parts $G/parts --out $MODEL --dtype bfloat16"
+  bg step05 "waitfor gen; waitfor prep; waitfor convert05; cd $REPO && CUDA_VISIBLE_DEVICES=1 timeout 480 \
+    python3 -m benchmarks.bench_step run --prepared $P --model-path $M05 --nproc 1 --lengths both --steps 2 \
+    --budget 450 --out $BENCH/step05"
+  D=$G/data
+  for s in 1 2; do
+    gpu=$((s - 1)); after=$([ $s = 1 ] && echo first || echo step05)
+    bg seed$s "waitfor $after; waitfor convert15; cd $REPO && CUDA_VISIBLE_DEVICES=$gpu torchrun --standalone \
+      --nproc_per_node 1 train.py --preset=paper-1.5b --model.path=$MODEL \
+      --data.eval_path=$D/gsm8k_test.jsonl --train.run_dir=$REAL/seed$s --data.train_path=$D/gsm8k_train.jsonl \
+      --data.eval_limit=$EVAL_N --rollout.eval_samples=2 --algo.mini_batches=$MINI --rollout.group_size=$GROUP \
+      --train.batch_size=$BATCH --optim.lr=$LR --optim.warmup_steps=$WARMUP --train.eval_every=10 \
+      --train.save_every=13 --train.keep_last=1 --train.seed=$s --train.max_steps=13 && \
+      python3 evaluate.py --plot $REAL/seed$s/metrics.jsonl --plot_out=$REAL/seed$s/curves.png"
+  done
   ;;
 status)
   ls $R/*.done $R/*.failed 2>/dev/null; ls $G/parts | wc -l; ls $MODEL 2>/dev/null | head -3
