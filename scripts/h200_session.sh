@@ -119,6 +119,11 @@ lease2)  # the second lease (after setup; the parts of both models follow, one c
   bg step05 "waitfor gen; waitfor prep; waitfor convert05; cd $REPO && CUDA_VISIBLE_DEVICES=1 timeout 480 \
     python3 -m benchmarks.bench_step run --prepared $P --model-path $M05 --nproc 1 --lengths both --steps 2 \
     --budget 450 --out $BENCH/step05"
+  if [ -f .gpu/synth.tar ]; then  # issue 14's starting policy (the synthetic-task branch's script), on GPU 0
+    mkdir -p $R/synth && tar -xf .gpu/synth.tar -C $R/synth
+    bg synth "waitfor first; cd $R/synth && CUDA_VISIBLE_DEVICES=0 python3 scripts/make_synthetic_policy.py \
+      --device=cuda --steps=${SYNTH_STEPS:-3000} --save_every=500 --out=$R/synth-policy/policy"
+  fi
   D=$G/data
   for s in 1 2; do
     gpu=$((s - 1)); after=$([ $s = 1 ] && echo first || echo step05)
@@ -135,6 +140,9 @@ status)
   ls $R/*.done $R/*.failed 2>/dev/null; ls $G/parts | wc -l; ls $MODEL 2>/dev/null | head -3
   for f in $R/*.log $BENCH/*.log $REAL/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 3 "$f"; }; done
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  ;;
+synthout)  # issue 14's starting policies (small) into $OUT
+  mkdir -p "$OUT/synth" && cp -r $R/synth-policy/* $R/synth.log "$OUT/synth/" 2>/dev/null; ls "$OUT/synth"
   ;;
 collect)
   tar --exclude='*.safetensors' --exclude='*.pt' --exclude='*.gguf' --exclude='parts' -czf "$OUT/results.tgz" \
