@@ -7,7 +7,8 @@
     options: --out DIR (default $OUT, else bench_out/), --no-compile, --no-hf, --no-hf-static, --no-breakdown,
              --budget-s S (skip transformers runs that would end past S seconds; default 340), --rows 256,512 (only
              the shapes with these row counts), --no-attention (skip the attention micro-benchmark),
-             --compile-prefill (compile the prefill too; train.py's default, rollout.compile=decode, keeps it eager)
+             --compile-prefill (compile the prefill too; train.py keeps it eager)
+             --compile-layers (compile the decode step per layer, train.py's default rollout.compile=layers)
 
 Every number comes from this run, on this machine:
   - the two ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 GEMM;

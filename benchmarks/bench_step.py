@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default=DEFAULT_PROFILE, help="rollout.length_profile of the real-length runs")
     r.add_argument("--compile-train", choices=("off", "on", "both"), default="off",
                    help="model.compile_train: torch.compile each decoder block for scoring and the update")
-    r.add_argument("--generator-compile", choices=("decode", "all", "layers", "none"), default="decode",
+    r.add_argument("--generator-compile", choices=("decode", "all", "layers", "none"), default="layers",
                    help="rollout.compile: what the rollout's generator compiles")
     r.add_argument("--nproc", type=int, default=2)
     r.add_argument("--steps", type=int, default=0, help="steps incl. the warm-up (default: 1.5b 3, 4b 2, tiny 3)")
