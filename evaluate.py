@@ -58,7 +58,8 @@ from memrl.distributed import set_cpu_threads
 from memrl.paths import model_source, writable_output
 from memrl.reward import score
 from memrl.run_dir import read_metrics as read_metrics_rows
-from memrl.rollout import CONDITIONS, Sampling, decode_response, derive_seed, rollout, with_noise
+from memrl.noise import load_passages, noisy_episodes
+from memrl.rollout import CONDITIONS, Sampling, decode_response, derive_seed, rollout
 
 DEFAULT_CONDITIONS = ("single_turn", "full_history", "memory")  # the paper's evaluation conditions (§4)
 from memrl.templates import Templates
@@ -99,10 +100,8 @@ def eval_episodes(cfg: Config, tokenizer: Tokenizer | None = None, path: str = "
     if cfg.data.eval_limit:
         episodes = episodes[: cfg.data.eval_limit]
     if cfg.data.eval_noise_shards:
-        from data_tools.noise import load_passages
-
-        episodes = with_noise(episodes, load_passages(cfg.data.noise_path), cfg.data.eval_noise_shards,
-                              seed=cfg.train.seed)
+        episodes = noisy_episodes(episodes, load_passages(cfg.data.noise_path), "noisy", seed=cfg.train.seed,
+                                  n_noise=cfg.data.eval_noise_shards)
     return episodes
 
 

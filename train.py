@@ -70,6 +70,7 @@ from tqdm import tqdm
 
 from evaluate import episode_score, eval_episodes, evaluate_policy, resolve_policy
 from memrl import synthetic
+from memrl.atomic import atomic_path
 from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
                         pack_turns, policy_loss, response_logprobs)
 from memrl.checkpoint import load_first_intact, save_checkpoint
@@ -82,6 +83,7 @@ from memrl.errors import CheckpointError, ConfigError
 from memrl.generate import Generator
 from memrl.hf_io import load_model, resolve_checkpoint
 from memrl.minibatch import split_by_problem
+from memrl.noise import load_passages, noisy_episodes
 from memrl.rollout import Sampling, concat, derive_seed, rollout
 from memrl.rollout_correction import METRIC_SUMS, mismatch_metrics, rollout_correction
 from memrl.step_guard import StepGuard
@@ -163,12 +165,9 @@ if cfg.data.train_path:
                               count_tokens=lambda s: len(tokenizer.encode(s)))
 else:
     train_set = synthetic.make_episodes(SYNTHETIC_TRAIN_SIZE, "train", seed=synthetic.TRAIN_SEED)
-if cfg.data.noise_variant != "sharded":  # paper §3.1 training variants, built on the fly like data_tools.noise
-    from data_tools.noise import load_passages, make_variant
-
-    passages = load_passages(cfg.data.noise_path)
-    train_set = [Episode(**{k: v for k, v in make_variant(ep.to_json(), cfg.data.noise_variant, passages,
-                                                          seed=cfg.train.seed).items()}) for ep in train_set]
+if cfg.data.noise_variant != "sharded":  # paper §3.1 training variants, placed on the fly (memrl/noise.py)
+    train_set = noisy_episodes(train_set, load_passages(cfg.data.noise_path), cfg.data.noise_variant,
+                               seed=cfg.train.seed)
 eval_set = [] if cfg.data.eval_path == NO_EVAL else eval_episodes(cfg, tokenizer)
 eval_name = cfg.data.eval_path or "synthetic:coin-tally/eval"
 steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
@@ -431,10 +430,8 @@ for step in pbar:
         guard.end_of_step(step + 1)  # a TrainingError after train.max_skipped_steps non-finite steps in a row
     scheduler.step()
     if dumped:
-        dump_path = Path(cfg.train.dump_loss_inputs) / f"step_{step + 1:08d}_rank{rank}.pt"
-        dump_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dumped, dump_path.with_suffix(".tmp"))
-        os.replace(dump_path.with_suffix(".tmp"), dump_path)
+        with atomic_path(Path(cfg.train.dump_loss_inputs) / f"step_{step + 1:08d}_rank{rank}.pt") as tmp:
+            torch.save(dumped, tmp)
     trained_tokens = float(num_tokens.sum())
     step_metrics = {name: sums[name] / max(trained_tokens, 1.0) for name in LOSS_METRICS}  # step token-means
     step_metrics |= mismatch_metrics({name: sums[key] for name, key in MISMATCH_KEYS.items()}, cfg.algo.tis_cap > 0)

@@ -2,7 +2,7 @@
 
 The paper (section 3.1) chunks LongBench documents "into fixed-size token segments aligned to
 sentence boundaries, averaging 10 to 14 shards per document". Here:
-- a document is split into sentences (data_tools.sentences, math protection off, blank lines are
+- a document is split into sentences (memrl.sentences, math protection off, blank lines are
   boundaries); sentences are packed greedily into chunks of at most `size` tokens, each chunk a
   verbatim slice of the document from its first sentence to its last; a sentence longer than `size`
   is cut at whitespace (or, for a single giant word, by characters) and the cut is counted;
@@ -32,7 +32,7 @@ from pathlib import Path
 from data_tools.checks import check_chunks
 from data_tools.runner import Outcome, run_resumable
 from data_tools.schema import DataError, read_jsonl, require
-from data_tools.sentences import split_sentences
+from memrl.sentences import split_sentences
 
 _REGEX_TOKEN = re.compile(r"\w+|[^\w\s]")
 

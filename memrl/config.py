@@ -25,9 +25,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.atomic import write_text_atomic
 from memrl.attention import ATTENTION_BACKENDS
 from memrl.errors import ConfigError
 from memrl.length_profile import PROFILES
+from memrl.noise import TRAIN_VARIANTS
 # The turn templates (DESIGN §4) live in memrl.templates; here they are data, overridable like any other field.
 from memrl.templates import (CONVERSATION_FINAL_TEMPLATE, CONVERSATION_SHARD_TEMPLATE, FINAL_TEMPLATE,
                              MEMORY_TEMPLATE, REASONED_FINAL_TEMPLATE, REASONED_SINGLE_TURN_TEMPLATE,
@@ -203,7 +205,7 @@ class DataCfg:
     def __post_init__(self):
         assert self.reward_kind in ("math", "gsm8k", "qa"), f"data.reward_kind: {self.reward_kind!r}"
         assert self.max_shards >= 1 and self.max_shard_tokens >= 1, "data.max_shards, max_shard_tokens must be >= 1"
-        assert self.noise_variant in ("sharded", "full_question", "mixed"), f"data.noise_variant: {self.noise_variant}"
+        assert self.noise_variant in TRAIN_VARIANTS, f"data.noise_variant: {self.noise_variant} not in {TRAIN_VARIANTS}"
         assert self.eval_noise_shards >= 0 and self.eval_limit >= 0, "data.eval_noise_shards, eval_limit must be >= 0"
 
 
@@ -515,12 +517,7 @@ def config_from_dict(d: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def load_config(path: str | os.PathLike) -> Config:

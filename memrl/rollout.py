@@ -41,9 +41,8 @@ Invariants:
 - Benchmarks on random weights (Sampling.ignore_eos: no stop ids) may set a length profile: each request's
   max_new_tokens is then drawn from a real model's length distribution (memrl/length_profile.py), seeded from the
   request's seed, so the packed sequences are as uneven as in training. Its n samples share the draw.
-- Noise shards: episodes from data_tools already hold their noise shards (metadata.noise_positions), and a rollout
-  plays every shard in order. `with_noise` (evaluation) inserts n WikiText passages after every problem shard with
-  data_tools.noise.make_variant(..., "noisy"), the same placement the offline tool writes.
+- Noise shards (memrl/noise.py) are shards like any other: an episode holds them (metadata.noise_positions), placed
+  offline by data_tools.noise or at run time by noise.noisy_episodes, and a rollout plays every shard in order.
 """
 from __future__ import annotations
 
@@ -155,20 +154,6 @@ def problem_text(ep: Episode) -> str:
         return ep.metadata["problem"]
     noise = set(ep.noise_positions)
     return PROBLEM_SEPARATOR.join(s for i, s in enumerate(ep.shards) if i not in noise)
-
-
-def with_noise(episodes: Sequence[Episode], passages, n_noise: int, seed: int = 0) -> list[Episode]:
-    """Noisy evaluation (paper §3.1): n WikiText passages after every problem shard (data_tools.noise "noisy").
-    passages: data_tools.noise.load_passages(path)."""
-    if n_noise == 0:
-        return list(episodes)
-    from data_tools.noise import make_variant
-
-    out = []
-    for ep in episodes:
-        d = make_variant(ep.to_json(), "noisy", passages, seed=seed, n_noise=n_noise)
-        out.append(Episode(ep.id, d["question"], d["shards"], d["answer"], d["metadata"]))
-    return out
 
 
 # ----------------------------------------------------------------------------- the rollout

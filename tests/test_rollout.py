@@ -9,7 +9,7 @@ from memrl import synthetic, templates
 from memrl.episodes import Episode
 from memrl.generate import Generator
 from memrl.hf_io import load_model
-from memrl.rollout import Sampling, concat, decode_response, rollout, with_noise
+from memrl.rollout import Sampling, concat, decode_response, rollout
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
 from tests.tiny import make_tiny_checkpoint
@@ -133,7 +133,7 @@ def test_single_turn_prompt_holds_the_whole_problem(policy):
 
 
 def test_noise_shards_land_where_the_variant_says(policy):
-    from data_tools.noise import Passage, make_variant, problem_shards
+    from memrl.noise import Passage, make_variant, noisy_episodes, problem_shards
 
     gen, tok = policy
     passages = [Passage(f"Noise passage number {i} about a river.", i + 1) for i in range(40)]
@@ -142,7 +142,7 @@ def test_noise_shards_land_where_the_variant_says(policy):
     mixed = make_variant(ep.to_json(), "mixed", passages, seed=5)
     mixed_ep = Episode(mixed["id"], mixed["question"], mixed["shards"], mixed["answer"], mixed["metadata"])
     # evaluation noise: n = 2 passages after every problem shard
-    noisy_ep = with_noise([ep], passages, n_noise=2, seed=5)[0]
+    noisy_ep = noisy_episodes([ep], passages, "noisy", n_noise=2, seed=5)[0]
     assert noisy_ep.noise_positions == [1, 2, 4, 5, 7, 8]
     for e in (mixed_ep, noisy_ep):
         assert problem_shards(e.to_json()) == ep.shards  # problem shards keep text and order
