@@ -78,7 +78,7 @@ class EpisodeFormatError(DataError):
         super().__init__(problems[0] + count, details=problems[1:] + more)
 
 
-REWARD_KINDS = ("math", "gsm8k", "qa")  # memrl.reward.KINDS, repeated: data_tools must not import math-verify
+REWARD_KINDS = ("math", "gsm8k", "qa")  # how memrl.reward.score grades an episode (metadata.reward_kind)
 
 
 def _is_nonempty_str(x) -> bool:

@@ -51,17 +51,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memrl.algo import TurnRecord
+from memrl.config import CONDITIONS
 from memrl.conversation import ConversationTurns, conversation_rows
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
 from memrl.length_profile import length_limit
 from memrl.templates import PROBLEM_SEPARATOR, Templates
 from memrl.tokenizer import Tokenizer
-
-# the order of the tables: whole problem -> sharded. full_history: the paper's evaluation condition (shards in the
-# prompt); conversation: the real multi-turn chat the full-history baseline trains on
-CONDITIONS = ("single_turn", "full_history", "conversation", "memory")
-
 
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts (ints, strings): stable across processes and Python versions (no hash())."""
