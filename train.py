@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluate import episode_score, eval_episodes, evaluate_policy, resolve_policy
+from data_tools.chunk_docs import chunk_raw_documents
 from memrl import synthetic
 from memrl.atomic import atomic_path
 from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
@@ -80,10 +80,13 @@ from memrl.distributed import (all_reduce_max, all_reduce_sum, broadcast_object,
                                shard_model, shutdown, sum_over_ranks)
 from memrl.episodes import Episode
 from memrl.errors import CheckpointError, ConfigError
+from memrl.evaluation import eval_episodes, evaluate_policy
 from memrl.generate import Generator
 from memrl.hf_io import load_model, resolve_checkpoint
 from memrl.minibatch import split_by_problem
 from memrl.noise import load_passages, noisy_episodes
+from memrl.paths import resolve_policy
+from memrl.reward import episode_score
 from memrl.rollout import Sampling, concat, derive_seed, rollout
 from memrl.rollout_correction import METRIC_SUMS, mismatch_metrics, rollout_correction
 from memrl.step_guard import StepGuard
@@ -168,7 +171,7 @@ else:
 if cfg.data.noise_variant != "sharded":  # paper §3.1 training variants, placed on the fly (memrl/noise.py)
     train_set = noisy_episodes(train_set, load_passages(cfg.data.noise_path), cfg.data.noise_variant,
                                seed=cfg.train.seed)
-eval_set = [] if cfg.data.eval_path == NO_EVAL else eval_episodes(cfg, tokenizer)
+eval_set = [] if cfg.data.eval_path == NO_EVAL else eval_episodes(cfg, tokenizer, chunk_documents=chunk_raw_documents)
 eval_name = cfg.data.eval_path or "synthetic:coin-tally/eval"
 steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
 max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from data_tools.checks import check_chunks
 from data_tools.runner import Outcome, run_resumable
-from data_tools.schema import DataError, read_jsonl, require
+from data_tools.schema import DataError, read_jsonl, require, validate_record
+from memrl.episodes import Episode
 from memrl.sentences import split_sentences
 
 _REGEX_TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -251,6 +252,24 @@ def make_processor(counter: TokenCounter, **chunk_args):
         return outcomes
 
     return process
+
+
+def chunk_raw_documents(path: str | Path, limit: int = 0) -> list[Episode]:
+    """LongBench / L-Eval questions (the first `limit`, 0 = all) chunked exactly as `python -m data_tools.chunk_docs
+    --input PATH` does by default (regex token count, 12 shards per document), as memrl episodes: train.py and
+    evaluate.py pass it to memrl.evaluation.eval_episodes for a raw file (memrl does not import data_tools)."""
+    questions = load_documents(path)
+    outcomes = make_processor(TokenCounter())(questions[: limit or None])
+    failed = [f"{o.id}: {o.reason} {o.detail}" for o in outcomes if o.episode is None]
+    if failed:
+        raise DataError(f"{path}: {len(failed)} question(s) could not be chunked (python -m data_tools.chunk_docs "
+                        f"records them and goes on)", details=failed[:10])
+    episodes = []
+    for o in outcomes:
+        problems = validate_record(o.episode)
+        assert not problems, f"{path}: chunked episode {o.id}: {problems}"
+        episodes.append(Episode(**o.episode))
+    return episodes
 
 
 def main(argv: list[str] | None = None) -> int:
