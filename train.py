@@ -87,7 +87,7 @@ from memrl.minibatch import split_by_problem
 from memrl.noise import load_passages, noisy_episodes
 from memrl.paths import resolve_policy
 from memrl.reward import episode_score
-from memrl.rollout import Sampling, concat, derive_seed, rollout
+from memrl.rollout import concat, derive_seed, rollout
 from memrl.rollout_correction import METRIC_SUMS, mismatch_metrics, rollout_correction
 from memrl.step_guard import StepGuard
 from memrl.templates import Templates
@@ -152,7 +152,6 @@ with gathered_for_rollout(policy, rollout_model) as gen_model:
     generator = Generator(gen_model, tokenizer.vocab_size, compile=None if cfg.rollout.compile != "none" else False,
                           compile_prefill=cfg.rollout.compile == "all")  # generates with the live policy weights
 templates = Templates.from_config(cfg.rollout)
-sampling = Sampling.from_config(cfg.rollout)
 if tokenizer.vocab_size > policy.config.vocab_size:  # an id past the embedding would index out of range
     raise CheckpointError(f"{policy_path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only "
                           f"{policy.config.vocab_size} rows: they do not belong together")
@@ -300,7 +299,7 @@ for step in pbar:
             problems, cursor = next_problems(cursor, cfg.train.batch_size)
             if sampler is None or sampler.need_more():
                 result = rollout(generator, tokenizer, problems[rank * per_rank: (rank + 1) * per_rank],
-                                 cfg.rollout.condition, cfg.rollout.group_size, templates, sampling,
+                                 cfg.rollout.condition, cfg.rollout.group_size, templates, cfg.rollout,
                                  seed=cfg.train.seed, step=step)  # seeds from global episode ids: slicing-invariant
                 rewards = torch.tensor([reward_of(t) for t in result.trajectories])
                 all_rewards.append(rewards)

@@ -30,7 +30,7 @@ from memrl.episodes import Episode, is_raw_documents, load_episodes
 from memrl.errors import ConfigError, DataError
 from memrl.noise import load_passages, noisy_episodes
 from memrl.reward import episode_score
-from memrl.rollout import Sampling, decode_response, derive_seed, rollout
+from memrl.rollout import decode_response, derive_seed, rollout
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
 
@@ -83,7 +83,6 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
     response text, as built, before any cut); desc: what is evaluated, for the progress bar (stderr) that counts
     episodes and shows the turn being generated."""
     templates = Templates.from_config(cfg.rollout)
-    greedy = Sampling.from_config(cfg.rollout, greedy=True)
     bar = tqdm(total=len(episodes) * len(conditions), desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True,
                disable=not progress, leave=False)
     generator = TurnTicker(FitToWindow(generator, window) if window is not None else generator, bar)
@@ -95,8 +94,8 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
         records, mem_tokens, ans_tokens, cut_before = [], [], [], generator.cut
         kept = [0, 0]  # asked facts held by the final memories, asked facts (synthetic task, memory condition)
         for i in range(0, len(episodes), batch_size):
-            res = rollout(generator, tokenizer, episodes[i: i + batch_size], condition, 1, templates, greedy,
-                          seed=cfg.train.seed, full_history_notes=False)  # notes do not change the answer
+            res = rollout(generator, tokenizer, episodes[i: i + batch_size], condition, 1, templates, cfg.rollout,
+                          greedy=True, seed=cfg.train.seed, full_history_notes=False)  # notes do not change the answer
             for t in res.trajectories:
                 rec = {"id": t.episode.id, "condition": condition,
                        "score": episode_score(t.final_text, t.episode, cfg.data.reward_kind),
@@ -131,12 +130,12 @@ def sampled_scores(generator, tokenizer: Tokenizer, episodes: list[Episode], cfg
                    samples: int, batch_size: int, synthetic_task: bool) -> dict:
     """{"sampled_accuracy", "samples"[, "sampled_facts_kept"]}: `samples` trajectories per episode at the training
     temperature, seeded from (train.seed, "eval-sampled") and the episode ids only."""
-    templates, sampling = Templates.from_config(cfg.rollout), Sampling.from_config(cfg.rollout)
+    templates = Templates.from_config(cfg.rollout)
     seed = derive_seed(cfg.train.seed, "eval-sampled")
     scores, kept = [], [0, 0]
     per_call = max(1, batch_size // samples)
     for i in range(0, len(episodes), per_call):
-        res = rollout(generator, tokenizer, episodes[i: i + per_call], condition, samples, templates, sampling,
+        res = rollout(generator, tokenizer, episodes[i: i + per_call], condition, samples, templates, cfg.rollout,
                       seed=seed, full_history_notes=False)
         for t in res.trajectories:
             scores.append(episode_score(t.final_text, t.episode, cfg.data.reward_kind))

@@ -38,7 +38,7 @@ Invariants:
   on the seed, the step, its problem, its sample index and the policy, never on the rest of the batch or on
   wall-clock state. The episode id is global (not the problem's index in this call), so N ranks each rolling out
   their slice of a step's problems sample what one process rolling out all of them samples.
-- Benchmarks on random weights (Sampling.ignore_eos: no stop ids) may set a length profile: each request's
+- Benchmarks on random weights (rollout.ignore_eos: no stop ids) may set a length profile: each request's
   max_new_tokens is then drawn from a real model's length distribution (memrl/length_profile.py), seeded from the
   request's seed, so the packed sequences are as uneven as in training. Its n samples share the draw.
 - Noise shards (memrl/noise.py) are shards like any other: an episode holds them (metadata.noise_positions), placed
@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memrl.algo import TurnRecord
-from memrl.config import CONDITIONS
+from memrl.config import CONDITIONS, RolloutCfg
 from memrl.conversation import ConversationTurns, conversation_rows
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
@@ -63,29 +63,6 @@ def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts (ints, strings): stable across processes and Python versions (no hash())."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-@dataclass
-class Sampling:
-    """How a rollout samples: the policy itself for training (temperature 1, no truncation), greedy for evaluation."""
-
-    memory_cap_tokens: int = 256  # max_new_tokens of a memory turn (paper A.1)
-    response_max_tokens: int = 512  # max_new_tokens of the final turn
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
-    ignore_eos: bool = False  # benchmarks: no stop ids, every turn runs to its full budget
-    thinking_budget_tokens: int = 0  # extra room for a thinking model's reasoning, on top of each turn's budget
-    length_profile: str = ""  # benchmarks, with ignore_eos: per-request limits drawn from memrl/length_profile.py
-
-    @classmethod
-    def from_config(cls, rollout_cfg, greedy: bool = False) -> "Sampling":
-        return cls(memory_cap_tokens=rollout_cfg.memory_cap_tokens,
-                   response_max_tokens=rollout_cfg.response_max_tokens, temperature=rollout_cfg.temperature,
-                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy,
-                   ignore_eos=rollout_cfg.ignore_eos, thinking_budget_tokens=rollout_cfg.thinking_budget_tokens,
-                   length_profile=rollout_cfg.length_profile)
 
 
 @dataclass
@@ -161,7 +138,8 @@ def rollout(
     condition: str,
     group_size: int,
     templates: Templates,
-    sampling: Sampling,
+    settings: RolloutCfg,
+    greedy: bool = False,
     seed: int = 0,
     step: int = 0,
     full_history_notes: bool = True,
@@ -169,6 +147,10 @@ def rollout(
 ) -> RolloutResult:
     """len(episodes) x group_size trajectories under `condition`.
 
+    settings: the config's rollout section: the turn budgets (memory_cap_tokens, response_max_tokens,
+    thinking_budget_tokens) and how to sample (temperature, top_p, top_k, ignore_eos, length_profile); its
+    condition and group_size are not read (evaluation plays other conditions, one sample each). greedy: decode
+    greedily (evaluation) instead of sampling.
     full_history_notes: generate the intermediate full-history turns (their notes are not carried forward, so they
     do not change the answer: evaluation skips them).
     kv_reuse: conversation turns continue from the conversation's retained K/V (False: every turn prefills the
@@ -180,25 +162,25 @@ def rollout(
     memory = [templates.initial_memory] * len(trajs)
     records: list[TurnRecord] = []
     stats: list[dict] = []
-    stop_ids = frozenset() if sampling.ignore_eos else frozenset(tokenizer.stop_ids)
+    stop_ids = frozenset() if settings.ignore_eos else frozenset(tokenizer.stop_ids)
     chats = None
     if condition == "conversation":
         window = getattr(generator, "window", None) or generator.cfg.max_position_embeddings
         chats = ConversationTurns(tokenizer, templates, window, kv_reuse)
 
     def budget(kind: str) -> int:  # of the reply; reasoning may take thinking_budget_tokens more
-        return sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
+        return settings.memory_cap_tokens if kind == "memory" else settings.response_max_tokens
 
     def params(kind: str, n: int, request_seed: int) -> SamplingParams:
         limit = budget(kind)
-        if sampling.length_profile:  # random weights never stop: a real model's length instead (its n samples share it)
-            limit = length_limit(sampling.length_profile, kind, derive_seed(request_seed, "length"), limit)
-        return SamplingParams(max_new_tokens=limit + sampling.thinking_budget_tokens,
-                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                              greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
+        if settings.length_profile:  # random weights never stop: a real model's length (its n samples share it)
+            limit = length_limit(settings.length_profile, kind, derive_seed(request_seed, "length"), limit)
+        return SamplingParams(max_new_tokens=limit + settings.thinking_budget_tokens,
+                              temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                              greedy=greedy, stop_ids=stop_ids, n=n, seed=request_seed)
 
     n_turns = 1 if condition == "single_turn" else 1 + max(len(ep.shards) for ep in episodes)
-    slot_len = chats.slot_len(episodes, sampling.memory_cap_tokens, sampling.response_max_tokens) if chats else 0
+    slot_len = chats.slot_len(episodes, settings.memory_cap_tokens, settings.response_max_tokens) if chats else 0
     try:
         for turn in range(n_turns):
             # (trajectory, kind, prompt) for every trajectory alive at this turn: the text, or (conversation) ids
@@ -248,7 +230,7 @@ def rollout(
                 start = reply_start(tokenizer, prompt, ids)
                 # only the reasoning allowance lets a reply outgrow its budget (short reasoning, long reply): cut it
                 # there. Never in a conversation: its next prompt extends exactly the generated (and retained) ids
-                if (chats is None and sampling.thinking_budget_tokens and start is not None
+                if (chats is None and settings.thinking_budget_tokens and start is not None
                         and len(ids) - start > budget(kind)):
                     ids, logprobs, finish = ids[:start + budget(kind)], logprobs[:start + budget(kind)], "length"
                 text = decode_response(tokenizer, ids, prompt)
