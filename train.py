@@ -385,13 +385,11 @@ for step in pbar:
             corr = corrections[k][i] if corrections is not None and real else None
             logp, entropy = response_logprobs(policy, mb, cfg.rollout.temperature, tokenizer.vocab_size,
                                               with_entropy=True)  # (N,) fp32 each
-            loss, m = policy_loss(logp, mb.advantages, num_tokens[k],
+            loss, m = policy_loss(logp, mb.advantages, num_tokens[k], cfg.algo,
                                   old_logp=old_logps[k][i] if old_logps is not None else None,
                                   ref_logp=ref_logps[k][i] if ref_logps is not None else None, entropy=entropy,
                                   mask=corr.keep if corr is not None and cfg.algo.seq_mask else None,
-                                  pg_weight=corr.pg_weight if corr is not None else None,
-                                  eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high, clip_c=cfg.algo.clip_c,
-                                  kl_coef=cfg.algo.kl_coef, kl_type=cfg.algo.kl_type)
+                                  pg_weight=corr.pg_weight if corr is not None else None)
             (loss if real else loss * 0.0).backward()
             if not real:
                 continue

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memrl.config import AlgoCfg
+
 TURN_KINDS = ("memory", "final", "conversation")  # conversation: a whole chat as one training row
 
 
@@ -322,19 +324,17 @@ def policy_loss(
     logp: torch.Tensor,
     advantages: torch.Tensor,
     num_tokens: torch.Tensor,
+    settings: AlgoCfg,
     *,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float = 3.0,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
     pg_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ m·(pg + β·kl) / N_global for one micro-batch (DESIGN §5), by the fused kernel B.
+
+    settings: the config's algo section, the one source of ε_low, ε_high, c, β and the KL estimator.
 
     logp, advantages, old/ref logp, entropy, mask: [N] over this micro-batch's response tokens (mask defaults to all
     ones). num_tokens: 0-dim tensor on logp's device, the GLOBAL count of response tokens (all micro-batches, all
@@ -345,13 +345,13 @@ def policy_loss(
     """
     from kernels import ppo_loss
 
-    assert kl_coef == 0.0 or ref_logp is not None, "kl_coef > 0 needs ref_logp (the frozen reference's log-probs)"
+    assert settings.kl_coef == 0.0 or ref_logp is not None, "kl_coef > 0 needs ref_logp (the frozen reference's)"
     assert torch.is_tensor(num_tokens) and num_tokens.ndim == 0, "num_tokens must be a 0-dim tensor (no host sync)"
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
     loss, metrics = ppo_loss(logp, old_logp, ref_logp, advantages.float(), mask, num_tokens,
-                             eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
-                             pg_weight=pg_weight)
+                             eps_low=settings.eps_low, eps_high=settings.eps_high, clip_c=settings.clip_c,
+                             kl_coef=settings.kl_coef, kl_type=settings.kl_type, pg_weight=pg_weight)
     metrics = dict(metrics)
     if entropy is not None:  # logged only (DAPO: watch for entropy collapse); same sum / N_global convention
         metrics["entropy"] = (entropy.detach().float() * mask).sum() / num_tokens
