@@ -71,8 +71,9 @@ from tqdm import tqdm
 from data_tools.chunk_docs import chunk_raw_documents
 from memrl import synthetic
 from memrl.atomic import atomic_path
-from memrl.algo import (DynamicSampler, TurnRecord, count_response_tokens, group_advantages, overlong_penalty,
-                        pack_turns, policy_loss, response_logprobs)
+from memrl.algo import (METRIC_SUMS, TurnRecord, count_response_tokens, group_advantages, mismatch_metrics,
+                        overlong_penalty, pack_turns, policy_loss, response_logprobs, rollout_correction,
+                        split_by_problem)
 from memrl.checkpoint import load_first_intact, save_checkpoint
 from memrl.compile import COMPILE_STATS, compile_blocks
 from memrl.distributed import (all_reduce_max, all_reduce_sum, broadcast_object, clip_grad_norm, gathered_for_rollout,
@@ -83,12 +84,11 @@ from memrl.errors import CheckpointError, ConfigError
 from memrl.evaluation import eval_episodes, evaluate_policy
 from memrl.generate import Generator
 from memrl.hf_io import load_model, resolve_checkpoint
-from memrl.minibatch import split_by_problem
 from memrl.noise import load_passages, noisy_episodes
 from memrl.paths import resolve_policy
 from memrl.reward import episode_score
-from memrl.rollout import concat, derive_seed, rollout
-from memrl.rollout_correction import METRIC_SUMS, mismatch_metrics, rollout_correction
+from memrl.rollout import DynamicSampler, concat, rollout
+from memrl.sampling import derive_seed
 from memrl.step_guard import StepGuard
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
@@ -328,7 +328,7 @@ for step in pbar:
     advantages = group_advantages(shaped, group_ids, std_normalize=cfg.algo.advantage == "grpo")
 
     # --- mini-batches: the batch split by problem (all G samples and all turns of a problem together), in an order
-    #     shuffled by (seed, step); one optimizer step each (memrl/minibatch.py). A conversation trajectory is one
+    #     shuffled by (seed, step); one optimizer step each (memrl/algo.py). A conversation trajectory is one
     #     row, its loss on every assistant reply (memrl/conversation.py)
     rows = batch.training_records()
     n_mini = cfg.algo.mini_batches
@@ -356,7 +356,7 @@ for step in pbar:
             model.reshard()
     scoring_models = (ref is not None) + score_old
     # rollout correction (off by default): truncated IS weights and the sequence mask, from old vs the sampler's
-    # log-probs (memrl/rollout_correction.py); its mismatch metrics are logged either way
+    # log-probs (memrl/algo.py); its mismatch metrics are logged either way
     correct = partial(rollout_correction, tis_cap=cfg.algo.tis_cap, seq_mask=cfg.algo.seq_mask,
                       seq_low=cfg.algo.seq_mask_low, seq_high=cfg.algo.seq_mask_high)
     corrections = None if old_logps is None else [

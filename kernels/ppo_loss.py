@@ -10,7 +10,7 @@ kl_penalty in verl/trainer/ppo/core_algos.py):
     loss = Σ m·(w·pg + β·kl) / num_tokens
 
 w is an optional per-token weight on the policy-gradient term only (1 when absent): the truncated importance
-weight min(π_train/π_rollout, C) of rollout correction (memrl/rollout_correction.py), a constant like A. verl
+weight min(π_train/π_rollout, C) of rollout correction (memrl/algo.py), a constant like A. verl
 applies it the same way, to the clipped pg loss and not to the KL term (rollout_corr_math.md §3.2.1: the IS weight
 multiplies the PPO surrogate).
 

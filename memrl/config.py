@@ -141,9 +141,9 @@ class AlgoCfg:
     max_sampling_rounds: int = 3  # bound on refill rounds (verl's max_num_gen_batches) before giving up loudly
     overlong_shaping: bool = False  # DAPO soft overlong penalty on the final answer (off by default, DESIGN §5)
     overlong_cache_tokens: int = 128  # L_cache: the last quarter of the 512-token answer budget is penalised
-    # optimizer steps per RL step, over mini-batches split by problem (memrl/minibatch.py; MemAgent: 16)
+    # optimizer steps per RL step, over mini-batches split by problem (memrl/algo.py; MemAgent: 16)
     mini_batches: int = 1  # 1 = one on-policy step: π_old = logp.detach(), ratio ≡ 1, the clips never act (§3.6)
-    # rollout correction (memrl/rollout_correction.py), off by default; the mismatch metrics are logged either way
+    # rollout correction (memrl/algo.py), off by default; the mismatch metrics are logged either way
     tis_cap: float = 0.0  # C of token-level truncated IS, min(π_train/π_rollout, C) (Yao et al. 2025: 2); 0 = off
     seq_mask: bool = False  # drop sequences whose geometric-mean ratio exp(mean log(π_train/π_rollout)) leaves:
     seq_mask_low: float = 0.999  # [low, high] (verl's geometric rejection sampling: ~1 ± 1e-3)

@@ -30,7 +30,8 @@ from memrl.episodes import Episode, is_raw_documents, load_episodes
 from memrl.errors import ConfigError, DataError
 from memrl.noise import load_passages, noisy_episodes
 from memrl.reward import episode_score
-from memrl.rollout import decode_response, derive_seed, rollout
+from memrl.rollout import decode_response, rollout
+from memrl.sampling import derive_seed
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
 

@@ -41,14 +41,18 @@ Invariants:
 - Benchmarks on random weights (rollout.ignore_eos: no stop ids) may set a length profile: each request's
   max_new_tokens is then drawn from a real model's length distribution (memrl/length_profile.py), seeded from the
   request's seed, so the packed sequences are as uneven as in training. Its n samples share the draw.
+- Dynamic sampling (DAPO §3.2, algo.dynamic_sampling): a step keeps only the groups whose rewards differ (equal
+  rewards: zero advantage, no gradient) and rolls out more problems until it has enough (DynamicSampler, at most
+  algo.max_sampling_rounds rounds); concat joins the kept parts of every round into one batch.
 - Noise shards (memrl/noise.py) are shards like any other: an episode holds them (metadata.noise_positions), placed
   offline by data_tools.noise or at run time by noise.noisy_episodes, and a rollout plays every shard in order.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from memrl.algo import TurnRecord
 from memrl.config import CONDITIONS, RolloutCfg
@@ -56,14 +60,9 @@ from memrl.conversation import ConversationTurns, conversation_rows
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
 from memrl.length_profile import length_limit
+from memrl.sampling import derive_seed
 from memrl.templates import PROBLEM_SEPARATOR, Templates
 from memrl.tokenizer import Tokenizer
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (ints, strings): stable across processes and Python versions (no hash())."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
 
 @dataclass
 class Trajectory:
@@ -116,6 +115,82 @@ def concat(results: Sequence[RolloutResult], keep: Sequence[Sequence[bool]] | No
         stats += res.generate_stats
     records.sort(key=lambda r: r.turn_index)  # stable: turn-major, trajectory order within a turn
     return RolloutResult(trajs, records, stats, conditions.pop() if len(conditions) == 1 else "")
+
+
+# ----------------------------------------------------------------------------- dynamic sampling (DAPO)
+
+def filter_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Keep mask [n] bool: False for every trajectory of a group whose rewards are all equal (zero advantage, no
+    gradient: DAPO §3.2 "Dynamic Sampling")."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
+    r = rewards.double()
+    gmax = torch.full((n_groups,), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amax")
+    gmin = torch.full((n_groups,), torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amin")
+    return (gmax > gmin)[inverse]
+
+
+class DynamicSampler:
+    """Collects groups with mixed rewards over generation rounds until `target_groups` are kept, for at most
+    `max_rounds` rounds (verl's max_num_gen_batches). Usage:
+
+        sampler = DynamicSampler(target_groups=B, max_rounds=cfg.max_sampling_rounds)
+        while sampler.need_more():
+            ...generate a round...; keep = sampler.add(rewards, group_ids)   # trims past the target
+        if sampler.exhausted(): print(sampler.message())                     # too easy / too hard
+    """
+
+    def __init__(self, target_groups: int, max_rounds: int):
+        assert target_groups > 0 and max_rounds > 0, (target_groups, max_rounds)
+        self.target_groups, self.max_rounds = target_groups, max_rounds
+        self.rounds = self.kept = self.seen = 0
+        self.all_solved = self.all_failed = self.all_equal_other = 0
+
+    def add(self, rewards: torch.Tensor, group_ids: torch.Tensor, max_reward: float = 1.0,
+            min_reward: float = 0.0) -> torch.Tensor:
+        """Keep mask [n] for this round: mixed-reward groups, in order of first appearance, up to the target."""
+        self.rounds += 1
+        keep = filter_groups(rewards, group_ids)
+        uniq, first = [], {}
+        for i, g in enumerate(group_ids.tolist()):
+            if g not in first:
+                first[g] = i
+                uniq.append(g)
+        for g in uniq:
+            i = first[g]
+            self.seen += 1
+            if keep[i]:
+                if self.kept < self.target_groups:
+                    self.kept += 1
+                else:  # past the target: drop the whole group
+                    keep = keep & (group_ids != g)
+            elif rewards[i] >= max_reward:
+                self.all_solved += 1
+            elif rewards[i] <= min_reward:
+                self.all_failed += 1
+            else:
+                self.all_equal_other += 1
+        return keep
+
+    def done(self) -> bool:
+        return self.kept >= self.target_groups
+
+    def need_more(self) -> bool:
+        return not self.done() and self.rounds < self.max_rounds
+
+    def exhausted(self) -> bool:
+        return not self.done() and self.rounds >= self.max_rounds
+
+    def message(self) -> str:
+        seen = max(self.seen, 1)
+        solved, failed = self.all_solved / seen, self.all_failed / seen
+        verdict = ("the data are too easy for this policy" if solved > failed
+                   else "the data are too hard for this policy" if failed > solved
+                   else "too many groups have equal rewards")
+        return (f"dynamic sampling: after {self.rounds} round(s) only {self.kept}/{self.target_groups} groups have "
+                f"mixed rewards ({self.all_solved}/{self.seen} groups all solved, {self.all_failed} all failed, "
+                f"{self.all_equal_other} otherwise equal): {verdict}. Raise algo.max_sampling_rounds, turn "
+                f"algo.dynamic_sampling off, or change the data/group size.")
 
 
 # ----------------------------------------------------------------------------- prompts

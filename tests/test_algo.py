@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
-from memrl.algo import (DynamicSampler, TurnRecord, broadcast_advantages, count_response_tokens, filter_groups,
-                        group_advantages, overlong_penalty, pack_turns, policy_loss)
+from memrl.algo import (TurnRecord, broadcast_advantages, count_response_tokens, group_advantages, overlong_penalty,
+                        pack_turns, policy_loss)
 from memrl.config import AlgoCfg
+from memrl.rollout import DynamicSampler, filter_groups
 
 NO_KL = AlgoCfg(kl_coef=0.0)  # the loss settings of the tests without a reference model
 
@@ -366,7 +367,7 @@ def test_response_logprobs_of_packed_batch_match_unpacked_forward():
 # ----------------------------------------------------------------------------- mini-batches and rollout correction
 
 def test_mini_batches_split_by_problem_shuffled_and_rank_invariant():
-    from memrl.minibatch import split_by_problem
+    from memrl.algo import split_by_problem
 
     records = _records(seed=4, n_groups=8, group_size=2)  # 8 problems, 2 samples each, several turns
     problem = [r.group_id for r in records]
@@ -396,7 +397,7 @@ def test_mini_batches_split_by_problem_shuffled_and_rank_invariant():
 
 
 def test_rollout_correction_hand_computed():
-    from memrl.rollout_correction import mismatch_metrics, rollout_correction
+    from memrl.algo import mismatch_metrics, rollout_correction
 
     # two sequences: tokens 0-2 (d = 0.1, -0.1, 0.3) and token 3 (d = -0.5); C = 1.2, bounds [0.9, 1.1]
     train = torch.tensor([-1.0, -2.0, -0.5, -3.0])

@@ -162,7 +162,8 @@ def test_rollout_stops_each_request_at_its_profile_draw():
     from memrl.generate import Generator
     from memrl.hf_io import load_model
     from memrl.length_profile import length_limit
-    from memrl.rollout import derive_seed, rollout
+    from memrl.rollout import rollout
+    from memrl.sampling import derive_seed
     from memrl.templates import Templates
     from memrl.tokenizer import Tokenizer
 
