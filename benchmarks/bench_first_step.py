@@ -26,8 +26,8 @@ The second step (same run) is the steady-state reference: one-off cost = first s
 machine) saves. --levers adds, in this process: the prefill's cold compile time and its per-call time eager vs
 compiled on the first turn's prompts of --batch-size problems (the data behind rollout.compile=decode).
 
-Levers changed for this target (memrl/generate.py docstring, "first call") and the effect predicted for the 1.5B
-first step on one H200, from the code (not measured: this script measures it):
+Levers changed for this target (memrl/model_runner.py docstring, "torch.compile") and the effect predicted for the
+1.5B first step on one H200, from the code (not measured: this script measures it):
     - prefill eager by default (rollout.compile=decode): one full-model compile fewer, ~20-30 s cold; costs ~20% of
       the prefill (~0.2-0.4 s per step at paper-1.5b, a few % of the rollout) -- --levers prints both sides
     - no size-1 specialisation and no duck sizing in the compiled step: before, a batch of 1 row, a lone prompt

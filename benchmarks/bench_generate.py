@@ -257,7 +257,7 @@ def step_breakdown(gen: Generator, prompts, new: int, out_dir: Path, steps: int 
     timed with events, and its kernels (torch.profiler, per kernel name, summed per category)."""
     from collections import deque
 
-    from memrl.generate import _bucket
+    from memrl.model_runner import _bucket
 
     params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0)
     try:
@@ -269,11 +269,11 @@ def step_breakdown(gen: Generator, prompts, new: int, out_dir: Path, steps: int 
         dev = gen.device
         torch.cuda.synchronize(dev)
         Bb = _bucket(gen.B, gen.cache.slots)
-        graph, _ = gen._graph(Bb, True)
+        graph, _ = gen.runner.graph(Bb, True)
         step_ms = 1e3 * timed(graph.replay, dev, reps=steps, warmup=1)
         res = {"rows": gen.B, "bucket": Bb, "graph_step_ms": step_ms}
         kernels = None
-        for how, fn in (("graph replay", graph.replay), ("eager step", lambda: gen._step_body(Bb, True))):
+        for how, fn in (("graph replay", graph.replay), ("eager step", lambda: gen.runner.step_body(Bb, True))):
             try:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -296,8 +296,8 @@ def step_breakdown(gen: Generator, prompts, new: int, out_dir: Path, steps: int 
                 print(f"  profiler ({how}) failed: {type(e).__name__}: {e}", flush=True)
                 kernels = None
     finally:  # leave no live rows behind, whatever failed
-        if gen.state is not None:
-            gen.state.reset(0, gen.cache.slots)
+        if gen.runner.state is not None:
+            gen.runner.reset(0, gen.cache.slots)
         gen.B = 0
     if not kernels:
         return res

@@ -27,7 +27,7 @@ Invariants
   - FSDP2: fully_shard hooks run in the block's __call__, around its forward, so the compiled functions see the
     gathered parameters as ordinary tensors and never trace a collective; order with fully_shard does not matter.
     The rollout copy (memrl/distributed.py rollout_view) is built from the classes, not the instances: its modules
-    are never compiled, and the generator's own compilation (memrl/generate.py) is unaffected.
+    are never compiled, and the generator's own compilation (memrl/model_runner.py) is unaffected.
   - `COMPILE_STATS` sums the seconds spent in calls that compiled (train.py logs them in the first step's row).
 """
 from __future__ import annotations

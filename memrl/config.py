@@ -94,7 +94,7 @@ class RolloutCfg:
     thinking_budget_tokens: int = 0  # thinking models: room for <think> reasoning on top of each turn's budget;
     # the memory / answer after the reasoning keeps its own cap (memrl/rollout.py says why)
     compile: str = "decode"  # what the generator torch.compiles: decode (its CUDA-graphed step; prefill eager: one
-    # compile less in the first step, memrl/generate.py) | all (decode + prefill) | none
+    # compile less in the first step, memrl/model_runner.py) | all (decode + prefill) | none
     length_profile: str = ""  # benchmarks, with ignore_eos: each request stops at a length drawn from this named
     # distribution (memrl/length_profile.py: a real model's lengths) instead of its full budget; "" = off
     initial_memory: str = INITIAL_MEMORY  # the fixed memory m_0 shown at the first turn ("No previous memory.")
