@@ -4,7 +4,7 @@
   benchmarks.* (the scripts import the library, never the other way);
 - one direction between memrl and data_tools: data_tools imports memrl (the schema, the generator, noise
   placement); memrl imports nothing from data_tools (a chunker it needs is passed in by the script);
-- train.py reads on one screen width: every line <= 100 characters.
+- train.py reads on one screen: every line <= 100 characters, the loop over steps <= 60 lines of calls.
 
 Every import statement counts, at any depth (a function-local import too), relative ones resolved, and so does
 importlib.import_module / __import__ with a literal name. Each check names the file and line it objects to.
@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train", "evaluate", "setup", "scripts", "benchmarks")  # top-level names the library may not import
 MAX_TRAIN_LINE = 100
+MAX_LOOP_LINES = 60  # rollout -> reward -> advantage -> loss -> step -> log, helpers above it
 
 
 def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
@@ -90,3 +91,12 @@ def test_train_py_lines_fit_100_characters():
     lines = (ROOT / "train.py").read_text(encoding="utf-8").splitlines()
     long = [f"train.py:{i}: {len(ln)} characters" for i, ln in enumerate(lines, 1) if len(ln) > MAX_TRAIN_LINE]
     assert not long, "\n".join(long)
+
+
+def test_the_training_loop_fits_one_screen():
+    tree = ast.parse((ROOT / "train.py").read_text(encoding="utf-8"))
+    loops = [n for n in tree.body if isinstance(n, ast.For) and isinstance(n.target, ast.Name)
+             and n.target.id == "step"]
+    assert len(loops) == 1, "train.py should hold one top-level `for step in ...` loop"
+    length = loops[0].end_lineno - loops[0].lineno + 1
+    assert length <= MAX_LOOP_LINES, f"train.py:{loops[0].lineno}: the step loop is {length} lines"
