@@ -40,7 +40,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable w
 from benchmarks.bench_generate import QWEN25_1P5B, TINY, build_model  # noqa: E402
 from memrl.episodes import Episode  # noqa: E402
 from memrl.generate import Generator  # noqa: E402
-from memrl.rollout import Sampling, rollout  # noqa: E402
+from memrl.config import RolloutCfg  # noqa: E402
+from memrl.rollout import rollout  # noqa: E402
 from memrl.templates import Templates  # noqa: E402
 from memrl.tokenizer import Tokenizer, make_byte_tokenizer  # noqa: E402
 
@@ -58,9 +59,9 @@ def episodes(n: int, shards: int, chars: int) -> list[Episode]:
     return out
 
 
-def run(gen: Generator, tok: Tokenizer, eps: list[Episode], group: int, sampling: Sampling, reuse: bool):
+def run(gen: Generator, tok: Tokenizer, eps: list[Episode], group: int, settings: RolloutCfg, reuse: bool):
     t0 = time.perf_counter()
-    res = rollout(gen, tok, eps, "conversation", group, Templates(), sampling, seed=0, kv_reuse=reuse)
+    res = rollout(gen, tok, eps, "conversation", group, Templates(), settings, seed=0, kv_reuse=reuse)
     if gen.device.type == "cuda":
         torch.cuda.synchronize(gen.device)
     turns = [{"turn": t, "rows": s["rows"], "prefill_tokens": s["prefill_tokens"],
@@ -103,14 +104,14 @@ def main():
            "torch": torch.__version__, "model": name, "dtype": str(dtype).removeprefix("torch."), "compile": compile_}
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     eps = episodes(args.problems, args.shards, args.shard_chars)
-    sampling = Sampling(memory_cap_tokens=args.reply, response_max_tokens=args.answer, ignore_eos=True)
+    settings = RolloutCfg(memory_cap_tokens=args.reply, response_max_tokens=args.answer, ignore_eos=True)
     results = {"env": env, "args": vars(args), "modes": {}}
     replies = {}
     # one generator for both modes: the same compiled functions, cache and slot layout (min_slot_len is the same)
     gen = Generator(model, tok.vocab_size, kv_memory_fraction=0.6, compile=compile_, compile_fallback=False)
     for mode, reuse in (("reuse", True), ("re-prefill", False)):
-        run(gen, tok, eps, args.group, sampling, reuse)  # warm-up: compile, CUDA graphs, this mode's prefill shapes
-        res, timing = run(gen, tok, eps, args.group, sampling, reuse)
+        run(gen, tok, eps, args.group, settings, reuse)  # warm-up: compile, CUDA graphs, this mode's prefill shapes
+        res, timing = run(gen, tok, eps, args.group, settings, reuse)
         replies[mode] = [r.response_ids for r in res.records]
         results["modes"][mode] = timing
         print(f"{mode}: {timing['wall_s']:.2f} s for {len(timing['turns'])} turns", flush=True)

@@ -16,7 +16,8 @@ its first metrics row (`first_step_s`, max over ranks):
     since_model_ready_s  model loaded and wrapped (the checkpoint on the GPU) -> first step done: the target
     step_s               the first step itself: rollout_s + score_s + update_s (+ a little bookkeeping)
     gen_compile_s        torch.compile of the generator's decode step (and prefill with rollout.compile=all), inside
-                         rollout_s; gen_compiles = how many graphs (1 with rollout.compile=decode, 2 with the default layers: one per layer half)
+                         rollout_s; gen_compiles = how many graphs (2 with the default rollout.compile=layers: one per
+                         layer half; 1 with decode)
     gen_capture_s        CUDA-graph captures (warm-up runs + capture, compile time excluded), inside rollout_s;
                          gen_captures = how many (bucket, layout) graphs
     train_compile_s      model.compile_train's forward compiles (0 unless --compile-train; its backward compiles in
@@ -26,10 +27,10 @@ The second step (same run) is the steady-state reference: one-off cost = first s
 machine) saves. --levers adds, in this process: the prefill's cold compile time and its per-call time eager vs
 compiled on the first turn's prompts of --batch-size problems (the data behind keeping the prefill eager).
 
-Levers changed for this target (memrl/generate.py docstring, "first call") and the effect predicted for the 1.5B
-first step on one H200, from the code (not measured: this script measures it):
-    - prefill eager by default (rollout.compile=layers or decode): one full-model compile fewer, ~20-30 s cold; costs ~20% of
-      the prefill (~0.2-0.4 s per step at paper-1.5b, a few % of the rollout) -- --levers prints both sides
+Levers changed for this target (memrl/model_runner.py docstring, "torch.compile") and the effect predicted for the
+1.5B first step on one H200, from the code (not measured: this script measures it):
+    - prefill eager by default (rollout.compile=layers or decode): one full-model compile fewer, ~20-30 s cold;
+      costs ~20% of the prefill (~0.2-0.4 s per step at paper-1.5b, a few % of the rollout) -- --levers prints both sides
     - no size-1 specialisation and no duck sizing in the compiled step: before, a batch of 1 row, a lone prompt
       (P = 1) or sizes equal by chance at the first call each compiled the model again (the 0.5B at real lengths:
       up to 4 compiles, 92-165 s); now gen_compiles = 1 whatever the lengths

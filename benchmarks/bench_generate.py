@@ -258,7 +258,7 @@ def step_breakdown(gen: Generator, prompts, new: int, out_dir: Path, steps: int 
     timed with events, and its kernels (torch.profiler, per kernel name, summed per category)."""
     from collections import deque
 
-    from memrl.generate import _bucket
+    from memrl.model_runner import _bucket
 
     params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0)
     try:
@@ -270,11 +270,11 @@ def step_breakdown(gen: Generator, prompts, new: int, out_dir: Path, steps: int 
         dev = gen.device
         torch.cuda.synchronize(dev)
         Bb = _bucket(gen.B, gen.cache.slots)
-        graph, _ = gen._graph(Bb, True)
+        graph, _ = gen.runner.graph(Bb, True)
         step_ms = 1e3 * timed(graph.replay, dev, reps=steps, warmup=1)
         res = {"rows": gen.B, "bucket": Bb, "graph_step_ms": step_ms}
         kernels = None
-        for how, fn in (("graph replay", graph.replay), ("eager step", lambda: gen._step_body(Bb, True))):
+        for how, fn in (("graph replay", graph.replay), ("eager step", lambda: gen.runner.step_body(Bb, True))):
             try:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -297,8 +297,8 @@ def step_breakdown(gen: Generator, prompts, new: int, out_dir: Path, steps: int 
                 print(f"  profiler ({how}) failed: {type(e).__name__}: {e}", flush=True)
                 kernels = None
     finally:  # leave no live rows behind, whatever failed
-        if gen.state is not None:
-            gen.state.reset(0, gen.cache.slots)
+        if gen.runner.state is not None:
+            gen.runner.reset(0, gen.cache.slots)
         gen.B = 0
     if not kernels:
         return res
@@ -451,7 +451,8 @@ def main():
                  pct_roofline=100 * roof_ms / r["decode_ms_per_step"])
         results["ours"].append(r)
         print(f"ours {rows}x{plen}/{new}: {r['new_tok_per_s']:,.0f} new tok/s | decode {r['decode_ms_per_step']:.2f} "
-              f"ms/step, roofline {roof_ms:.2f} ({r['pct_roofline']:.0f}%) | prefill {r['prefill_s']:.2f}s | first call "
+              f"ms/step, roofline {roof_ms:.2f} ({r['pct_roofline']:.0f}%) | prefill {r['prefill_s']:.2f}s | "
+              f"first call "
               f"compiled {r['compile_s_first_call']:.1f}s "
               f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
         # after this shape's measurements, on the same generator (its cache and graphs): nothing new to allocate
@@ -547,7 +548,8 @@ def write(res: dict, out: Path, t_start: float, echo: bool = False) -> None:
         "# Generator benchmark", "",
         *[f"**{msg}**" for msg in res.get("errors", [])], *([""] if res.get("errors") else []),
         f"{e['device']} | torch {e['torch']} (CUDA {e['cuda']}) | triton {e['triton']} | transformers "
-        f"{e['transformers']} | {e['date']} | compile={e['compile']} | compile_prefill={e.get('compile_prefill')} | compile_layers={e.get('compile_layers')}", "",
+        f"{e['transformers']} | {e['date']} | compile={e['compile']} | compile_prefill={e.get('compile_prefill')} | "
+        f"compile_layers={e.get('compile_layers')}", "",
         f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read + write), {c['dtype']} GEMM "
         f"{c['gemm_size']}^3 {c['gemm_TFLOPs']:.3g} TFLOP/s. Model: {res['params'] / 1e6:,.1f}M params, random.", "",
         "| rows x prompt/new | ours new tok/s | best transformers | x | decode ms/step | roofline ms | % roofline |",

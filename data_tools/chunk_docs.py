@@ -2,7 +2,7 @@
 
 The paper (section 3.1) chunks LongBench documents "into fixed-size token segments aligned to
 sentence boundaries, averaging 10 to 14 shards per document". Here:
-- a document is split into sentences (data_tools.sentences, math protection off, blank lines are
+- a document is split into sentences (memrl.sentences, math protection off, blank lines are
   boundaries); sentences are packed greedily into chunks of at most `size` tokens, each chunk a
   verbatim slice of the document from its first sentence to its last; a sentence longer than `size`
   is cut at whitespace (or, for a single giant word, by characters) and the cut is counted;
@@ -31,8 +31,9 @@ from pathlib import Path
 
 from data_tools.checks import check_chunks
 from data_tools.runner import Outcome, run_resumable
-from data_tools.schema import DataError, read_jsonl, require
-from data_tools.sentences import split_sentences
+from data_tools.schema import DataError, read_jsonl, require, validate_record
+from memrl.episodes import Episode
+from memrl.sentences import split_sentences
 
 _REGEX_TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -251,6 +252,24 @@ def make_processor(counter: TokenCounter, **chunk_args):
         return outcomes
 
     return process
+
+
+def chunk_raw_documents(path: str | Path, limit: int = 0) -> list[Episode]:
+    """LongBench / L-Eval questions (the first `limit`, 0 = all) chunked exactly as `python -m data_tools.chunk_docs
+    --input PATH` does by default (regex token count, 12 shards per document), as memrl episodes: train.py and
+    evaluate.py pass it to memrl.evaluation.eval_episodes for a raw file (memrl does not import data_tools)."""
+    questions = load_documents(path)
+    outcomes = make_processor(TokenCounter())(questions[: limit or None])
+    failed = [f"{o.id}: {o.reason} {o.detail}" for o in outcomes if o.episode is None]
+    if failed:
+        raise DataError(f"{path}: {len(failed)} question(s) could not be chunked (python -m data_tools.chunk_docs "
+                        f"records them and goes on)", details=failed[:10])
+    episodes = []
+    for o in outcomes:
+        problems = validate_record(o.episode)
+        assert not problems, f"{path}: chunked episode {o.id}: {problems}"
+        episodes.append(Episode(**o.episode))
+    return episodes
 
 
 def main(argv: list[str] | None = None) -> int:

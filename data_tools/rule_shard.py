@@ -1,7 +1,7 @@
 """Rule-based sharder: no LLM, so the whole pipeline runs offline and in seconds.
 
 rule_shard(text) -> (question, shards), every piece a verbatim slice of the problem:
-1. split into sentences (data_tools.sentences: numbers, abbreviations and math stay intact);
+1. split into sentences (memrl.sentences: numbers, abbreviations and math stay intact);
 2. the question is the LAST question-like sentence: one ending in "?", one opening with an
    imperative ("Find", "Compute", "Calculate", ...) or a wh-word ("What", "How", "In how many", ...),
    or one with a question clause after a comma or "then" ("If x = 3, then find y."); answer-format
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from data_tools.sentences import math_body_end, protected_spans, split_sentences
+from memrl.sentences import math_body_end, protected_spans, split_sentences
 
 _IMPERATIVE = (
     r"find|compute|calculate|determine|evaluate|simplify|solve|express|estimate|convert|factor|expand|"

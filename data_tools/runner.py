@@ -31,6 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_tools.schema import DataError, validate_episode
+from memrl.atomic import atomic_path
 
 
 @dataclass
@@ -93,13 +94,11 @@ class _LineFile:
 
     def __init__(self, final: Path, records: list[dict]):
         self.final, self.partial = final, _partial(final)
-        tmp = self.partial.with_name(self.partial.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
+        with atomic_path(self.partial) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:  # the working copy is replaced whole, never patched
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.partial)  # the working copy is replaced whole, never patched
         self.f = open(self.partial, "a", encoding="utf-8")
 
     def append(self, rec: dict) -> None:

@@ -28,7 +28,7 @@ from memrl.errors import ConfigError, install_error_handler
 
 # The longest real problem is 1,733 characters (MATH500; GSM8K: 985). A problem 30x longer is not a math word problem
 # but a broken or hostile input: it is recorded as a failure (too_long) without being read, in constant time. The
-# sharders themselves are linear (data_tools/sentences.py), so the bound is a limit on output, not on run time.
+# sharders themselves are linear (memrl/sentences.py), so the bound is a limit on output, not on run time.
 MAX_PROBLEM_CHARS = 50_000
 
 

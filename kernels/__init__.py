@@ -5,7 +5,7 @@
 A  token_logprobs         logits [N, V] -> per-token log-prob (+ entropy)          kernels/logprob.py
 A' linear_token_logprobs  hidden [N, H], lm_head [V, H] -> the same, fused         kernels/linear_logprob.py
 B  ppo_loss               token-mean dual-clip PPO + KL loss over [N] vectors      kernels/ppo_loss.py
-A'+B linear_ppo_loss      lm_head + log-prob + loss fused, 3 GEMMs (training)    kernels/linear_ppo.py
+A'+B linear_ppo_loss      lm_head + log-prob + loss fused, 3 GEMMs: benchmark-only  kernels/linear_ppo.py
    varlen_attention       causal attention over packed sequences (cu_seqlens)     kernels/varlen_attn.py
 set_backend("auto" | "triton" | "torch") or MEMRL_KERNELS picks Triton or the references.
 

@@ -1,8 +1,14 @@
 """A' + B fused: lm_head, log-prob (kernel A) and the PPO loss (kernel B) in one pass of 3 GEMMs.
 
+BENCHMARK-ONLY: training does not call this module. memrl/algo.py runs A' (linear_token_logprobs, for
+the training and the scoring log-probs) then B (ppo_loss): 4 lm_head GEMMs. This path is the measured
+3-GEMM floor of that step (kernels/bench.py), tested against A' + B; it takes no pg_weight (rollout
+correction's IS weight) and its logp differ from A''s by the bf16 rounding of the logits (below), so
+using it in train.py would change the run's numbers. kernels/README.md says what wiring it in takes.
+
     linear_ppo_loss(hidden [N, H], weight [V, H], targets [N], advantages [N], mask [N], num_tokens,
-                    old_logp=None, ref_logp=None, temperature=1.0, eps_low=0.2, eps_high=0.28, clip_c=3.0,
-                    kl_coef=0.0, kl_type="k3", valid_vocab=None, with_entropy=False)
+                    old_logp=None, ref_logp=None, temperature=1.0, *, eps_low, eps_high, clip_c, kl_type,
+                    kl_coef=0.0, valid_vocab=None, with_entropy=False)
         -> (loss 0-dim fp32, metrics {pg_clipfrac, pg_clipfrac_lower, ppo_kl, kl}, logp [N] fp32 detached,
             entropy [N] fp32 detached | None)
     loss is differentiable w.r.t. hidden and weight (only); it equals
@@ -35,8 +41,8 @@ dH = 0.48 GiB (what any lm_head backward returns).
 Invariants and caveats
 - Only hidden and weight get gradients; old_logp, ref_logp, advantages, mask, num_tokens are constants.
 - logp and entropy are returned DETACHED (for logging and for the next step's old_logp); the entropy is
-  a metric here, it takes no part in the loss. Use this path for the training loss; scoring (no-grad
-  logp) stays with kernel A / A' (`token_logprobs`, `linear_token_logprobs`).
+  a metric here, it takes no part in the loss. Scoring (no-grad logp) with the same numerics is
+  `linear_token_logprobs_scoring` below; training scores with A' (`linear_token_logprobs`).
 - Numerics differ from A' in one way: A' keeps fp32 logits tiles, this path rounds the logits to the
   input dtype (bf16) once, as `hidden @ weight.T` in eager PyTorch does; so logp here matches
   `token_logprobs(hidden @ weight.T, ...)`, and differs from A' by the bf16 rounding of the logits
@@ -282,7 +288,7 @@ def _check(hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_
 
 
 def linear_ppo_loss_triton(hidden, weight, targets, advantages, mask, num_tokens, old_logp=None, ref_logp=None,
-                           temperature=1.0, eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.0, kl_type="k3",
+                           temperature=1.0, *, eps_low, eps_high, clip_c, kl_type, kl_coef=0.0,
                            valid_vocab=None, with_entropy=False):
     """The fused 3-GEMM path of `linear_ppo_loss` (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     valid_vocab, num_tokens = _check(hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_logp,
@@ -303,7 +309,7 @@ def linear_ppo_loss_triton(hidden, weight, targets, advantages, mask, num_tokens
 
 
 def linear_ppo_loss_torch(hidden, weight, targets, advantages, mask, num_tokens, old_logp=None, ref_logp=None,
-                          temperature=1.0, eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.0, kl_type="k3",
+                          temperature=1.0, *, eps_low, eps_high, clip_c, kl_type, kl_coef=0.0,
                           valid_vocab=None, with_entropy=False):
     """Plain-autograd reference of `linear_ppo_loss` (same signature and outputs): A's PyTorch reference
     (vocab-chunked logits, fp32 logsumexp, recompute in backward) followed by `ppo_loss_torch`. Its logits
@@ -311,15 +317,15 @@ def linear_ppo_loss_torch(hidden, weight, targets, advantages, mask, num_tokens,
     valid_vocab, num_tokens = _check(hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_logp,
                                      temperature, eps_low, eps_high, clip_c, kl_type, valid_vocab)
     logp, ent = linear_token_logprobs_torch(hidden, weight, targets, temperature, with_entropy, valid_vocab)
-    loss, metrics = _B.ppo_loss_torch(logp, old_logp, ref_logp, advantages, mask, num_tokens,
-                                      eps_low, eps_high, clip_c, kl_coef, kl_type)
+    loss, metrics = _B.ppo_loss_torch(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low=eps_low,
+                                      eps_high=eps_high, clip_c=clip_c, kl_type=kl_type, kl_coef=kl_coef)
     return loss, metrics, logp.detach(), (ent.detach() if ent is not None else None)
 
 
 def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, num_tokens: torch.Tensor, old_logp: torch.Tensor | None = None,
-                    ref_logp: torch.Tensor | None = None, temperature: float = 1.0, eps_low: float = 0.2,
-                    eps_high: float = 0.28, clip_c: float = 3.0, kl_coef: float = 0.0, kl_type: str = "k3",
+                    ref_logp: torch.Tensor | None = None, temperature: float = 1.0, *, eps_low: float,
+                    eps_high: float, clip_c: float, kl_type: str, kl_coef: float = 0.0,
                     valid_vocab: int | None = None, with_entropy: bool = False
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """Token-mean dual-clip PPO + KL loss of softmax(hidden @ weight.T / T) in one fused pass (3 GEMMs).
@@ -327,22 +333,20 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     hidden [N, H], weight [V, H] (same dtype), targets/advantages/mask/old_logp/ref_logp [N], num_tokens a
     1-element tensor (the GLOBAL response-token count) -> (loss, metrics, logp [N] fp32 detached,
     entropy [N] fp32 detached or None). loss is differentiable w.r.t. hidden and weight only; the
-    gradients are computed in the forward (see the module docstring). For training; scoring stays with
-    token_logprobs / linear_token_logprobs. Dispatches via kernels.backend."""
-    if use_triton(hidden, weight):
-        return linear_ppo_loss_triton(hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_logp,
-                                      temperature, eps_low, eps_high, clip_c, kl_coef, kl_type, valid_vocab,
-                                      with_entropy)
-    return linear_ppo_loss_torch(hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_logp,
-                                 temperature, eps_low, eps_high, clip_c, kl_coef, kl_type, valid_vocab,
-                                 with_entropy)
+    gradients are computed in the forward (see the module docstring). Benchmark-only (module docstring);
+    the no-grad counterpart is linear_token_logprobs_scoring. Dispatches via kernels.backend."""
+    impl = linear_ppo_loss_triton if use_triton(hidden, weight) else linear_ppo_loss_torch
+    return impl(hidden, weight, targets, advantages, mask, num_tokens, old_logp, ref_logp, temperature,
+                eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, kl_type=kl_type, kl_coef=kl_coef,
+                valid_vocab=valid_vocab, with_entropy=with_entropy)
 
 
 @torch.no_grad()
 def linear_token_logprobs_scoring(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                   temperature: float = 1.0, with_entropy: bool = False,
                                   valid_vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """No-grad scoring (old / reference log-probs) with exactly the numerics of linear_ppo_loss: the same row
+    """Benchmark-only, like linear_ppo_loss (training scores with A').
+    No-grad scoring (old / reference log-probs) with exactly the numerics of linear_ppo_loss: the same row
     chunks, the same bf16 logits from cuBLAS (GEMM 1), the same kernel-A forward. So with the same weights the
     scoring pass and the training pass give bitwise-equal logp, and the on-policy ratio is exactly 1.
     Costs one GEMM + one read of each chunk's logits; holds one [C, V] chunk (~0.6 GiB at V = 151,936 bf16)."""

@@ -10,7 +10,7 @@ kl_penalty in verl/trainer/ppo/core_algos.py):
     loss = Σ m·(w·pg + β·kl) / num_tokens
 
 w is an optional per-token weight on the policy-gradient term only (1 when absent): the truncated importance
-weight min(π_train/π_rollout, C) of rollout correction (memrl/rollout_correction.py), a constant like A. verl
+weight min(π_train/π_rollout, C) of rollout correction (memrl/algo.py), a constant like A. verl
 applies it the same way, to the clipped pg loss and not to the KL term (rollout_corr_math.md §3.2.1: the IS weight
 multiplies the PPO surrogate).
 
@@ -21,6 +21,9 @@ and every metric over micro-batches and ranks gives the global token-mean exactl
     pg_clipfrac_lower  A < 0 and max(pg1, pg2) > −c·A (the dual clip is active)
     ppo_kl             −d = old − logp (verl's ppo_kl)
     kl                 the KL estimate (0 without ref_logp)
+
+Hyperparameters: ε_low, ε_high, c and the KL estimator have no defaults here: the caller says which (training:
+memrl.config.AlgoCfg, their one source, through memrl.algo.policy_loss). β = kl_coef defaults to 0, no KL term.
 
 Conventions (identical in the Triton kernels and `ppo_loss_torch`):
 - old_logp None = on-policy: d ≡ 0, ρ ≡ 1 exactly, and dρ/dlogp = ρ = 1, so the gradient still flows.
@@ -222,10 +225,9 @@ def _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low,
 
 
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-             advantages: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor,
-             eps_low: float = 0.2, eps_high: float = 0.28, clip_c: float = 3.0, kl_coef: float = 0.0,
-             kl_type: str = "k3", pg_weight: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             advantages: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor, *,
+             eps_low: float, eps_high: float, clip_c: float, kl_type: str, kl_coef: float = 0.0,
+             pg_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-mean dual-clip PPO + KL loss -> (loss 0-dim fp32, {pg_clipfrac, pg_clipfrac_lower, ppo_kl, kl}).
 
     All vectors are [N]; mask is bool or float (a float mask weights tokens, both terms); pg_weight (optional, [N])
@@ -237,8 +239,9 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.
     _check_args(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low, eps_high, clip_c, kl_type,
                 pg_weight)
     if not use_triton(logp, old_logp, ref_logp, advantages, mask) or logp.numel() == 0:  # N = 0: nothing to launch
-        return ppo_loss_torch(logp, old_logp, ref_logp, advantages, mask, num_tokens,
-                              eps_low, eps_high, clip_c, kl_coef, kl_type, pg_weight)
+        return ppo_loss_torch(logp, old_logp, ref_logp, advantages, mask, num_tokens, eps_low=eps_low,
+                              eps_high=eps_high, clip_c=clip_c, kl_type=kl_type, kl_coef=kl_coef,
+                              pg_weight=pg_weight)
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # same bytes; avoids i1 pointers
     num_tokens = num_tokens.reshape(()).to(logp.device)
     loss, metrics = _PPOLossTriton.apply(
@@ -252,10 +255,9 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.
 
 
 def ppo_loss_torch(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                   advantages: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor,
-                   eps_low: float = 0.2, eps_high: float = 0.28, clip_c: float = 3.0, kl_coef: float = 0.0,
-                   kl_type: str = "k3", pg_weight: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   advantages: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor, *,
+                   eps_low: float, eps_high: float, clip_c: float, kl_type: str, kl_coef: float = 0.0,
+                   pg_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PyTorch reference of `ppo_loss` (same signature, autograd gradient). Computes in fp32, or in
     fp64 when logp is fp64 (the tests' reference)."""
     if not isinstance(num_tokens, torch.Tensor):

@@ -1,26 +1,44 @@
-"""The RL algorithm between rollout and optimizer step (DESIGN.md §3 steps 4-8, §5).
+"""The RL algorithm between the rewards and the optimizer step (DESIGN.md §3 steps 4-8, §5, §3.6).
 
-    rewards [n_traj] --group_advantages--> A [n_traj] --pack_turns (broadcast)--> PackedBatch micro-batches
-    PackedBatch --response_logprobs(model)--> logp [N] --policy_loss (kernels.ppo_loss)--> loss, metrics
+    rewards [n_traj] --group_advantages--> A [n_traj]
+    records --split_by_problem--> mini-batches --pack_turns (A broadcast)--> PackedBatch micro-batches
+    PackedBatch --response_logprobs(model)--> logp [N] --(rollout_correction)--> --policy_loss--> loss, metrics
 
 Invariants:
 - The advantage of trajectory i is computed once per trajectory, then put on every response token of every turn of
   i (memory turns and the final turn alike); prompt tokens carry nothing (they are not even scored).
 - A record is one training sequence. Memory / single-turn records hold one reply (response_ids). A conversation row
   (memrl.conversation) holds a whole chat in one sequence: its response_spans mark every assistant reply inside
-  response_ids, and only those tokens are scored and trained (the user messages between them are masked, as the
-  prompt is).
-- The loss is Σ m·(pg + β·kl) / N_global, so summing policy_loss over micro-batches (and ranks) gives exactly one
-  global token-mean, whatever the packing.
+  response_ids, and only those tokens are scored and trained (the user messages between them are masked).
+- Mini-batches (algo.mini_batches optimizer steps per RL step; MemAgent: 16) are split by problem: all G samples and
+  all turns of a problem together, so a group's advantages are trained together; problems are permuted by a seed
+  derived from (seed, step), and a problem's mini-batch depends only on its GLOBAL index in the step's batch, so N
+  ranks split as one process would and a resumed run as the original. Old log-probs come from one no-grad scoring
+  pass before the first update: the first mini-batch trains at ratio 1, later ones see the policy move.
+- The loss is Σ m·(pg + β·kl) / N, N the mini-batch's global response-token count, so summing policy_loss over
+  micro-batches (and ranks) gives exactly one token-mean per optimizer step, whatever the packing.
 - pack_turns is deterministic: the same records and budget give the same micro-batches, so a scoring pass and a
   training pass see identical shapes (and, with deterministic kernels, bitwise equal log-probs).
+- Rollout correction (off by default; its mismatch metrics are logged either way): the sampler's and the trainer's
+  log-probs of the same tokens differ (bf16 generator kernels vs the training forward: mean |Δ| 0.013 per token on a
+  real 0.5B model, H200), so samples are slightly off-policy. With d_t = log π_train(y_t) − log π_rollout(y_t):
+      token-level truncated IS   w_t = min(exp(d_t), C), on the policy-gradient term only (kernels/ppo_loss.py)
+      geometric sequence mask    ρ_geo = exp(mean_t d_t); a sequence outside [lo, hi] leaves the loss AND its count
+  TIS: Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training" (C = 2 there). The
+  mask: the "geometric" rejection sampling of Liu, Li et al. 2025, "When Speed Kills Stability" (verl
+  docs/algo/rollout_corr_math.md §3.3.3, §3.4: bounds 1 ± 1e-3); masked tokens leave the token-mean's denominator,
+  as verl does since 10/2025. A "sequence" is one training record.
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from memrl.config import AlgoCfg
+from memrl.sampling import derive_seed
 
 TURN_KINDS = ("memory", "final", "conversation")  # conversation: a whole chat as one training row
 
@@ -124,80 +142,31 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, cache_tokens: int) 
     return pen.clamp(min=-1.0, max=0.0)
 
 
-# ----------------------------------------------------------------------------- dynamic sampling (DAPO)
+# ----------------------------------------------------------------------------- mini-batches (DESIGN §3.6)
 
-def filter_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Keep mask [n] bool: False for every trajectory of a group whose rewards are all equal (zero advantage, no
-    gradient: DAPO §3.2 "Dynamic Sampling")."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
-    r = rewards.double()
-    gmax = torch.full((n_groups,), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amax")
-    gmin = torch.full((n_groups,), torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amin")
-    return (gmax > gmin)[inverse]
+def problem_positions(batch_size: int, seed: int, step: int) -> list[int]:
+    """position[p]: where global problem p of this step sits in the step's shuffled order."""
+    order = list(range(batch_size))
+    random.Random(derive_seed(seed, "mini-batches", step)).shuffle(order)
+    position = [0] * batch_size
+    for pos, p in enumerate(order):
+        position[p] = pos
+    return position
 
 
-class DynamicSampler:
-    """Collects groups with mixed rewards over generation rounds until `target_groups` are kept, for at most
-    `max_rounds` rounds (verl's max_num_gen_batches). Usage:
-
-        sampler = DynamicSampler(target_groups=B, max_rounds=cfg.max_sampling_rounds)
-        while sampler.need_more():
-            ...generate a round...; keep = sampler.add(rewards, group_ids)   # trims past the target
-        if sampler.exhausted(): print(sampler.message())                     # too easy / too hard
-    """
-
-    def __init__(self, target_groups: int, max_rounds: int):
-        assert target_groups > 0 and max_rounds > 0, (target_groups, max_rounds)
-        self.target_groups, self.max_rounds = target_groups, max_rounds
-        self.rounds = self.kept = self.seen = 0
-        self.all_solved = self.all_failed = self.all_equal_other = 0
-
-    def add(self, rewards: torch.Tensor, group_ids: torch.Tensor, max_reward: float = 1.0,
-            min_reward: float = 0.0) -> torch.Tensor:
-        """Keep mask [n] for this round: mixed-reward groups, in order of first appearance, up to the target."""
-        self.rounds += 1
-        keep = filter_groups(rewards, group_ids)
-        uniq, first = [], {}
-        for i, g in enumerate(group_ids.tolist()):
-            if g not in first:
-                first[g] = i
-                uniq.append(g)
-        for g in uniq:
-            i = first[g]
-            self.seen += 1
-            if keep[i]:
-                if self.kept < self.target_groups:
-                    self.kept += 1
-                else:  # past the target: drop the whole group
-                    keep = keep & (group_ids != g)
-            elif rewards[i] >= max_reward:
-                self.all_solved += 1
-            elif rewards[i] <= min_reward:
-                self.all_failed += 1
-            else:
-                self.all_equal_other += 1
-        return keep
-
-    def done(self) -> bool:
-        return self.kept >= self.target_groups
-
-    def need_more(self) -> bool:
-        return not self.done() and self.rounds < self.max_rounds
-
-    def exhausted(self) -> bool:
-        return not self.done() and self.rounds >= self.max_rounds
-
-    def message(self) -> str:
-        seen = max(self.seen, 1)
-        solved, failed = self.all_solved / seen, self.all_failed / seen
-        verdict = ("the data are too easy for this policy" if solved > failed
-                   else "the data are too hard for this policy" if failed > solved
-                   else "too many groups have equal rewards")
-        return (f"dynamic sampling: after {self.rounds} round(s) only {self.kept}/{self.target_groups} groups have "
-                f"mixed rewards ({self.all_solved}/{self.seen} groups all solved, {self.all_failed} all failed, "
-                f"{self.all_equal_other} otherwise equal): {verdict}. Raise algo.max_sampling_rounds, turn "
-                f"algo.dynamic_sampling off, or change the data/group size.")
+def split_by_problem(records: Sequence[TurnRecord], global_problem: Sequence[int], batch_size: int,
+                     mini_batches: int, seed: int, step: int) -> list[list[TurnRecord]]:
+    """records (this rank's) -> `mini_batches` lists; global_problem[i] in [0, batch_size) is record i's problem.
+    Mini-batch k holds the problems at shuffled positions [k·B/M, (k+1)·B/M): B/M problems each over all ranks."""
+    assert 1 <= mini_batches <= batch_size, (mini_batches, batch_size)
+    assert len(records) == len(global_problem)
+    position = problem_positions(batch_size, seed, step)
+    out: list[list[TurnRecord]] = [[] for _ in range(mini_batches)]
+    order = sorted(range(len(records)), key=lambda i: (position[global_problem[i]], records[i].trajectory_id,
+                                                       records[i].turn_index))
+    for i in order:
+        out[position[global_problem[i]] * mini_batches // batch_size].append(records[i])
+    return out
 
 
 # ----------------------------------------------------------------------------- packing
@@ -318,40 +287,95 @@ def response_logprobs(model, batch: PackedBatch, temperature: float = 1.0, valid
                                  with_entropy=with_entropy, valid_vocab=valid_vocab)
 
 
+# ----------------------------------------------------------------------------- rollout correction
+
+# per-record sums, aggregated over micro-batches and ranks, then divided by their counts (mismatch_metrics)
+METRIC_SUMS = ("abs_diff", "k3", "tokens", "seq_ratio", "seqs", "seqs_masked", "tis_clipped", "tis_weight")
+
+
+@dataclass
+class Correction:
+    pg_weight: torch.Tensor | None  # [N] fp32: min(exp(d), C), or None (TIS off)
+    keep: torch.Tensor  # [N] bool: False on tokens of masked sequences
+    sums: dict[str, torch.Tensor]  # METRIC_SUMS, each a 0-dim tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keep.sum())
+
+
+def rollout_correction(train_logp: torch.Tensor, rollout_logp: torch.Tensor, record: torch.Tensor, n_records: int,
+                       tis_cap: float = 0.0, seq_mask: bool = False, seq_low: float = 0.0,
+                       seq_high: float = float("inf")) -> Correction:
+    """train_logp, rollout_logp [N] fp32 (detached), record [N] long: which of the n_records sequences each token
+    belongs to (PackedBatch.response_record). tis_cap 0 = no IS weight; seq_mask False = keep every sequence."""
+    d = (train_logp.detach().float() - rollout_logp.float()).clamp(-20.0, 20.0)  # as kernel B clamps its log-ratio
+    ratio = torch.exp(d)
+    counts = torch.zeros(n_records, device=d.device).index_add_(0, record, torch.ones_like(d))
+    seq_ratio = torch.exp(torch.zeros(n_records, device=d.device).index_add_(0, record, d) / counts.clamp(min=1))
+    present = counts > 0
+    keep_seq = present
+    if seq_mask:
+        keep_seq = present & (seq_ratio >= seq_low) & (seq_ratio <= seq_high)
+    weight = torch.clamp(ratio, max=tis_cap) if tis_cap > 0 else None
+    sums = {
+        "abs_diff": d.abs().sum(), "tokens": torch.tensor(float(d.numel()), device=d.device),
+        "k3": (ratio - d - 1.0).sum(),  # KL(rollout || train) estimated under the sampler (Schulman's k3)
+        "seq_ratio": seq_ratio[present].sum(), "seqs": present.sum().float(),
+        "seqs_masked": (present & ~keep_seq).sum().float(),
+        "tis_clipped": (ratio > tis_cap).sum().float() if tis_cap > 0 else torch.zeros((), device=d.device),
+        "tis_weight": weight.sum() if weight is not None else torch.zeros((), device=d.device),
+    }
+    return Correction(weight, keep_seq[record], sums)
+
+
+def mismatch_metrics(sums: dict[str, float], tis: bool) -> dict[str, float]:
+    """Global sums (over micro-batches and ranks) -> the logged numbers; the TIS ones only when TIS is on."""
+    tokens, seqs = max(sums["tokens"], 1.0), max(sums["seqs"], 1.0)
+    out = {"logp_gap": sums["abs_diff"] / tokens,  # mean |log π_train − log π_rollout| per token
+           "mismatch/k3": sums["k3"] / tokens,
+           "mismatch/seq_ratio": sums["seq_ratio"] / seqs,  # mean geometric-mean ratio of a sequence
+           "mismatch/seq_masked_frac": sums["seqs_masked"] / seqs}
+    if tis:
+        out |= {"mismatch/tis_clip_frac": sums["tis_clipped"] / tokens,
+                "mismatch/tis_weight": sums["tis_weight"] / tokens}
+    return out
+
+
+# ----------------------------------------------------------------------------- the loss
+
 def policy_loss(
     logp: torch.Tensor,
     advantages: torch.Tensor,
     num_tokens: torch.Tensor,
+    settings: AlgoCfg,
     *,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float = 3.0,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
     pg_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ m·(pg + β·kl) / N_global for one micro-batch (DESIGN §5), by the fused kernel B.
+
+    settings: the config's algo section, the one source of ε_low, ε_high, c, β and the KL estimator.
 
     logp, advantages, old/ref logp, entropy, mask: [N] over this micro-batch's response tokens (mask defaults to all
     ones). num_tokens: 0-dim tensor on logp's device, the GLOBAL count of response tokens (all micro-batches, all
     ranks), so that summing the returned loss and metrics over micro-batches gives the global token-mean exactly.
     old_logp None: on-policy, ratio ≡ 1 (DESIGN §3.6). Every metric is a sum over this call divided by num_tokens.
     pg_weight: a per-token weight on the policy-gradient term only (rollout correction's truncated IS weight,
-    memrl/rollout_correction.py); None = 1.
+    rollout_correction above); None = 1.
     """
     from kernels import ppo_loss
 
-    assert kl_coef == 0.0 or ref_logp is not None, "kl_coef > 0 needs ref_logp (the frozen reference's log-probs)"
+    assert settings.kl_coef == 0.0 or ref_logp is not None, "kl_coef > 0 needs ref_logp (the frozen reference's)"
     assert torch.is_tensor(num_tokens) and num_tokens.ndim == 0, "num_tokens must be a 0-dim tensor (no host sync)"
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
     loss, metrics = ppo_loss(logp, old_logp, ref_logp, advantages.float(), mask, num_tokens,
-                             eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
-                             pg_weight=pg_weight)
+                             eps_low=settings.eps_low, eps_high=settings.eps_high, clip_c=settings.clip_c,
+                             kl_coef=settings.kl_coef, kl_type=settings.kl_type, pg_weight=pg_weight)
     metrics = dict(metrics)
     if entropy is not None:  # logged only (DAPO: watch for entropy collapse); same sum / N_global convention
         metrics["entropy"] = (entropy.detach().float() * mask).sum() / num_tokens

@@ -6,10 +6,10 @@ A checkpoint is one directory `<run_dir>/checkpoints/step_00000120/` holding
     trainer_state.pt                  optimizer, scheduler, RNG states (torch CPU/CUDA, python, numpy), data order,
                                       step; tensors and plain containers only, read with torch.load(weights_only=True)
     run_config.json                   the resolved memrl config of the run
-Atomicity: everything is written into `checkpoints/.tmp-step_XXXXXXXX-<pid>/`, fsynced, then renamed with os.replace
-(atomic within a filesystem). Only directories named `step_<digits>` that hold trainer_state.pt are ever listed, so a
-crash at any point leaves either the previous checkpoints or the new complete one, never half of one; stale temp
-directories are removed by the next save.
+Atomicity: everything is written into a temp folder `checkpoints/.step_XXXXXXXX.tmp-<pid>-<random>/`, fsynced, then
+renamed with os.replace (atomic within a filesystem; memrl/atomic.py). Only directories named `step_<digits>` that
+hold trainer_state.pt are ever listed, so a crash at any point leaves either the previous checkpoints or the new
+complete one, never half of one; stale temp directories are removed by the next save.
 
 One writer per run directory (rank 0): a save removes any temp directory it finds under checkpoints/.
 
@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from memrl import distributed, hf_io
+from memrl.atomic import atomic_path
 from memrl.config import RUN_CONFIG_NAME as CONFIG_FILE
 from memrl.config import load_config, save_config
 from memrl.errors import CheckpointError, ConfigError, MemrlError
@@ -184,9 +185,8 @@ def _write(final: Path, run_dir, step, model, optimizer_state, scheduler, data_s
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".*tmp-*"):  # left by a crash mid-save (ours, or hf_io's own temp dirs)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    try:
-        hf_io.save_model(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_state_dict)  # creates tmp
+    with atomic_path(final, directory=True) as tmp:  # a re-saved step (after a resume) is swapped in whole
+        hf_io.save_model(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_state_dict)
         state = {
             "step": int(step),
             "optimizer": optimizer_state,
@@ -204,16 +204,6 @@ def _write(final: Path, run_dir, step, model, optimizer_state, scheduler, data_s
         if config is not None:
             save_config(config, tmp / CONFIG_FILE)
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out only once the new is done
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

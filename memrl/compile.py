@@ -27,7 +27,7 @@ Invariants
   - FSDP2: fully_shard hooks run in the block's __call__, around its forward, so the compiled functions see the
     gathered parameters as ordinary tensors and never trace a collective; order with fully_shard does not matter.
     The rollout copy (memrl/distributed.py rollout_view) is built from the classes, not the instances: its modules
-    are never compiled, and the generator's own compilation (memrl/generate.py) is unaffected.
+    are never compiled, and the generator's own compilation (memrl/model_runner.py) is unaffected.
   - `COMPILE_STATS` sums the seconds spent in calls that compiled (train.py logs them in the first step's row).
 """
 from __future__ import annotations
@@ -69,11 +69,11 @@ def _dispatcher(module: torch.nn.Module, backend: str):
         if x.dim() < 3 or x.shape[0] != 1 or x.shape[1] < 2 or torch.compiler.is_compiling():
             return eager(module, x)
         torch._dynamo.maybe_mark_dynamic(x, 1)  # any number of tokens: one graph
-        graphs, t0 = _compiled_graphs(), time.perf_counter()
+        graphs, t0 = compiled_graphs(), time.perf_counter()
         out = compiled(module, x)
-        if _compiled_graphs() > graphs:
+        if compiled_graphs() > graphs:
             COMPILE_STATS["compile_s"] += time.perf_counter() - t0
-            COMPILE_STATS["compiles"] += _compiled_graphs() - graphs
+            COMPILE_STATS["compiles"] += compiled_graphs() - graphs
         return out
 
     return forward
@@ -131,8 +131,8 @@ def uncompile_layers(model: torch.nn.Module) -> None:
                 vars(module).pop(name, None)
 
 
-def _compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process so far: a call that raised it compiled."""
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its own counter): a call that raised it compiled."""
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]

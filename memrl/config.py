@@ -25,19 +25,27 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.atomic import write_text_atomic
 from memrl.attention import ATTENTION_BACKENDS
+from memrl.episodes import REWARD_KINDS
 from memrl.errors import ConfigError
 from memrl.length_profile import PROFILES
+from memrl.noise import TRAIN_VARIANTS
 # The turn templates (DESIGN §4) live in memrl.templates; here they are data, overridable like any other field.
 from memrl.templates import (CONVERSATION_FINAL_TEMPLATE, CONVERSATION_SHARD_TEMPLATE, FINAL_TEMPLATE,
-                             MEMORY_TEMPLATE, REASONED_FINAL_TEMPLATE, REASONED_SINGLE_TURN_TEMPLATE,
-                             SINGLE_TURN_TEMPLATE, without_memory_line)
+                             MEMORY_TEMPLATE, PLACEHOLDERS, REASONED_FINAL_TEMPLATE, REASONED_SINGLE_TURN_TEMPLATE,
+                             INITIAL_MEMORY, SINGLE_TURN_TEMPLATE, without_memory_line)
 
 NO_EVAL = "none"  # data.eval_path=none: no held-out evaluation during training
 
 RUN_CONFIG_NAME = "run_config.json"
-# rollout.condition values a run can TRAIN under; full_history is the paper's evaluation condition only
-TRAIN_CONDITIONS = ("memory", "conversation", "single_turn")
+
+# What the model sees at each turn (memrl/rollout.py plays them; README, "Conditions"), in the order of the tables:
+# whole problem -> sharded. full_history: the paper's evaluation condition (shards in the prompt); conversation: the
+# real multi-turn chat the full-history baseline trains on.
+CONDITIONS = ("single_turn", "full_history", "conversation", "memory")
+TRAIN_CONDITIONS = ("memory", "conversation", "single_turn")  # rollout.condition; full_history evaluates only
+EVAL_CONDITIONS = ("single_turn", "full_history", "memory")  # the paper's three (§4): evaluate.py's default
 
 
 def in_range(value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> bool:
@@ -88,10 +96,10 @@ class RolloutCfg:
     compile: str = "layers"  # what the generator torch.compiles: layers (each decoder layer's work around its
     # attention in the decode step, one compile shared by all layers, memrl/compile.py: 1.5B on an H200, 4.4 s
     # instead of 41 s in the first step, the same 4.0 ms decode step) | decode (the whole decode step as one graph)
-    # | all (decode + prefill) | none. The prefill stays eager but with `all` (memrl/generate.py "first call")
+    # | all (decode + prefill) | none. The prefill stays eager but with `all` (memrl/model_runner.py "torch.compile")
     length_profile: str = ""  # benchmarks, with ignore_eos: each request stops at a length drawn from this named
     # distribution (memrl/length_profile.py: a real model's lengths) instead of its full budget; "" = off
-    initial_memory: str = "No previous memory."  # the fixed memory m_0 shown at the first turn
+    initial_memory: str = INITIAL_MEMORY  # the fixed memory m_0 shown at the first turn ("No previous memory.")
     memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
     final_template: str = FINAL_TEMPLATE  # paper Figure 4 (final turn); full-history fills {memory} with all shards
     single_turn_template: str = SINGLE_TURN_TEMPLATE  # the single-turn baseline: the whole problem in one prompt
@@ -119,13 +127,9 @@ class RolloutCfg:
         assert not self.length_profile or self.ignore_eos, "rollout.length_profile needs rollout.ignore_eos=true"
         assert not self.length_profile or self.length_profile in PROFILES, (
             f"rollout.length_profile: unknown {self.length_profile!r}; known: {sorted(PROFILES)}")
-        for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
-                           ("final_template", ("{question}", "{memory}")),
-                           ("single_turn_template", ("{question}", "{problem}")),
-                           ("conversation_shard_template", ("{question}", "{segment}")),
-                           ("conversation_final_template", ("{question}",))):
-            missing = [k for k in keys if k not in getattr(self, name)]
-            assert not missing, f"rollout.{name} lacks the placeholder(s) {missing}"
+        for kind, keys in PLACEHOLDERS.items():
+            missing = ["{" + k + "}" for k in keys if "{" + k + "}" not in getattr(self, f"{kind}_template")]
+            assert not missing, f"rollout.{kind}_template lacks the placeholder(s) {missing}"
 
 
 @dataclass
@@ -140,9 +144,9 @@ class AlgoCfg:
     max_sampling_rounds: int = 3  # bound on refill rounds (verl's max_num_gen_batches) before giving up loudly
     overlong_shaping: bool = False  # DAPO soft overlong penalty on the final answer (off by default, DESIGN §5)
     overlong_cache_tokens: int = 128  # L_cache: the last quarter of the 512-token answer budget is penalised
-    # optimizer steps per RL step, over mini-batches split by problem (memrl/minibatch.py; MemAgent: 16)
+    # optimizer steps per RL step, over mini-batches split by problem (memrl/algo.py; MemAgent: 16)
     mini_batches: int = 1  # 1 = one on-policy step: π_old = logp.detach(), ratio ≡ 1, the clips never act (§3.6)
-    # rollout correction (memrl/rollout_correction.py), off by default; the mismatch metrics are logged either way
+    # rollout correction (memrl/algo.py), off by default; the mismatch metrics are logged either way
     tis_cap: float = 0.0  # C of token-level truncated IS, min(π_train/π_rollout, C) (Yao et al. 2025: 2); 0 = off
     seq_mask: bool = False  # drop sequences whose geometric-mean ratio exp(mean log(π_train/π_rollout)) leaves:
     seq_mask_low: float = 0.999  # [low, high] (verl's geometric rejection sampling: ~1 ± 1e-3)
@@ -204,9 +208,9 @@ class DataCfg:
     shuffle: bool = True  # reshuffle the training episodes each epoch (seeded: train.seed, epoch)
 
     def __post_init__(self):
-        assert self.reward_kind in ("math", "gsm8k", "qa"), f"data.reward_kind: {self.reward_kind!r}"
+        assert self.reward_kind in REWARD_KINDS, f"data.reward_kind: {self.reward_kind!r} not in {REWARD_KINDS}"
         assert self.max_shards >= 1 and self.max_shard_tokens >= 1, "data.max_shards, max_shard_tokens must be >= 1"
-        assert self.noise_variant in ("sharded", "full_question", "mixed"), f"data.noise_variant: {self.noise_variant}"
+        assert self.noise_variant in TRAIN_VARIANTS, f"data.noise_variant: {self.noise_variant} not in {TRAIN_VARIANTS}"
         assert self.eval_noise_shards >= 0 and self.eval_limit >= 0, "data.eval_noise_shards, eval_limit must be >= 0"
 
 
@@ -518,12 +522,7 @@ def config_from_dict(d: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def load_config(path: str | os.PathLike) -> Config:

@@ -161,13 +161,13 @@ class ConversationTurns:
     def extends(self, traj) -> int | None:
         return self.handles.get(traj.trajectory_id)
 
-    def slot_len(self, episodes, memory_budget: int, final_budget: int) -> int:
+    def slot_len(self, episodes, memory_cap_tokens: int, response_max_tokens: int) -> int:
         """The longest any conversation of `episodes` can grow (every reply at its budget, each cut one closed by the
         template), capped at the window: the generator keeps one slot layout for the whole rollout."""
         longest = 0
         for ep in episodes:
             k = len(ep.shards)
-            n = len(self._encode(self.user_text(ep, 0), True)) + k * memory_budget + final_budget
+            n = len(self._encode(self.user_text(ep, 0), True)) + k * memory_cap_tokens + response_max_tokens
             n += sum(len(self._encode(self.continuation.next_user_text((), self.user_text(ep, t)), False))
                      for t in range(1, k + 1))
             longest = max(longest, n)

@@ -203,9 +203,9 @@ def rollout_view(model: torch.nn.Module) -> torch.nn.Module:
     Why a hook-free copy: the FSDP module's forward hooks make stream waits and collectives, which must not run
     inside a CUDA-graph capture, and would make generation a collective (ranks generate different amounts).
     Why persistent buffers: FSDP2's unshard() allocates the gathered parameters anew each time, and the generator
-    keys its CUDA graphs (and torch.compile's guards) on the weights' addresses (memrl/generate.py `_prepare`:
-    `p.data_ptr() for p in model.parameters()`), so generating on freshly gathered tensors would recapture every
-    graph every step. The view's parameter tensors are allocated once (on the first refresh, like the gathered
+    keys its CUDA graphs (and torch.compile's guards) on the weights' addresses (memrl/model_runner.py
+    `use_layout`: `p.data_ptr() for p in model.parameters()`), so generating on freshly gathered tensors would
+    recapture every graph every step. The view's parameter tensors are allocated once (on the first refresh, like the gathered
     ones) and only ever written in place: same objects, same data_ptr, new values.
     Cost: one full copy of the model in the compute dtype per rank, for the whole run (2 bytes/param in bf16:
     3.1 GB for 1.5B params, 8 GB for 4B), i.e. what FSDP would hold gathered during the rollout anyway, but also

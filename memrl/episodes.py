@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memrl.atomic import atomic_path
 from memrl.errors import DataError
 
 FIELDS = ("id", "question", "shards", "answer", "metadata")
@@ -78,7 +78,7 @@ class EpisodeFormatError(DataError):
         super().__init__(problems[0] + count, details=problems[1:] + more)
 
 
-REWARD_KINDS = ("math", "gsm8k", "qa")  # memrl.reward.KINDS, repeated: data_tools must not import math-verify
+REWARD_KINDS = ("math", "gsm8k", "qa")  # how memrl.reward.score grades an episode (metadata.reward_kind)
 
 
 def _is_nonempty_str(x) -> bool:
@@ -233,18 +233,10 @@ def is_raw_documents(path: str | os.PathLike) -> bool:
 
 
 def write_episodes(path: str | os.PathLike, episodes: Iterable[Episode]) -> Path:
-    """Write episodes as JSONL atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ep in episodes:
-                problems = validate_record(ep.to_json())
-                assert not problems, f"episode {ep.id!r}: {problems}"
-                f.write(json.dumps(ep.to_json(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write episodes as JSONL, each validated first, atomically (memrl/atomic.py)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for ep in episodes:
+            problems = validate_record(ep.to_json())
+            assert not problems, f"episode {ep.id!r}: {problems}"
+            f.write(json.dumps(ep.to_json(), ensure_ascii=False) + "\n")
+    return Path(path)

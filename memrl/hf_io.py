@@ -19,13 +19,13 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from memrl.atomic import atomic_path
 from memrl.errors import CheckpointError, MemrlError
 from memrl.model import ModelConfig, Transformer
 from memrl.paths import is_hub_id
@@ -225,9 +225,7 @@ def save_model(
         sd.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
     dtype = next(iter(sd.values())).dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_path(out, directory=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype), indent=2) + "\n")
         shards, current, size = [], {}, 0
         for name in sorted(sd):
@@ -254,19 +252,4 @@ def save_model(
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Move `new` to `dst`; an existing `dst` is swapped out and removed only after the rename succeeded."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(new, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dst)

@@ -1,7 +1,7 @@
 """The generator's KV cache: one contiguous slot per sequence, live rows packed at the front.
 
 Layout: k, v [layers, slots, Hkv, slot_len, D], two views of one flat buffer sized in tokens (a budget, or a share
-of free GPU memory: see Generator). A generate call picks `slot_len` (its longest prompt + max_new_tokens, rounded
+of free GPU memory: budget_tokens). A generate call picks `slot_len` (its longest prompt + max_new_tokens, rounded
 up) and gets `slots = capacity // slot_len` rows; rows beyond that wait (continuous admission, memrl/generate.py).
 
 Invariant: the B live rows of the decode batch occupy slots 0 .. B-1, row b in slot b. When rows finish, the
@@ -20,10 +20,13 @@ of its slot before compaction reuses the slot; `copy_in` puts it back into the s
 the sequence; `extend_attention` then prefills only the new suffix, at positions start.. of that slot, attending
 over the restored prefix and the suffix itself (causal).
 
-The two attention entry points are also registered as torch custom ops (`memrl::decode_attention`,
-`memrl::prefill_attention`) so torch.compile can fuse the rest of the model around them. They find their cache
-through a registry id, as vLLM does: the compiler never sees the cache tensor, hence never functionalises
-(copies) it and never reorders around the in-place write.
+`decode_fn` / `prefill_fn` / `extend_fn` (end of file) bind these ops into the model's forward: the functions
+memrl/model_runner.py compiles and captures. `budget_tokens` sizes the cache from free GPU memory.
+
+The three attention entry points are also registered as torch custom ops (`memrl::decode_attention`,
+`memrl::prefill_attention`, `memrl::extend_attention`) so torch.compile can fuse the rest of the model around
+them. They find their cache through a registry id, as vLLM does: the compiler never sees the cache tensor, hence
+never functionalises (copies) it and never reorders around the in-place write.
 """
 from __future__ import annotations
 
@@ -34,13 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import decode_attention_torch, decode_attention_triton
-from memrl.model import ModelConfig
+from memrl.model import ModelConfig, Transformer
 
 _REGISTRY: "weakref.WeakValueDictionary[int, KVCache]" = weakref.WeakValueDictionary()
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, use_triton: bool):
+        self.cfg = cfg
         self.layers, self.kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.q_heads = cfg.num_attention_heads
         self.dtype, self.device = dtype, device
@@ -55,6 +59,24 @@ class KVCache:
         self.host_max_len: int | None = None  # CPU path: the longest live row, so attention reads no further
         self.id = id(self)
         _REGISTRY[self.id] = self
+
+    def budget_tokens(self, rows: int, prefill_tokens: int, memory_fraction: float) -> int:
+        """Tokens a call may give the cache: on CPU what it needs (no bound); on GPU `memory_fraction` of the
+        memory left after a reserve for prefill activations (a few [tokens, hidden] and [tokens, intermediate]
+        tensors live at once), the decode logits and the top-p sort of every row ([rows, vocab] fp32 values + int64
+        indices) and graph pools, counting what PyTorch's caching allocator holds unused and this cache itself
+        (reused or replaced)."""
+        if self.device.type != "cuda":
+            return 1 << 62
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        held = self.capacity * self.bytes_per_token
+        cfg = self.cfg
+        elem = self.bytes_per_token // (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim)
+        prefill = prefill_tokens * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * elem
+        sampling = rows * cfg.vocab_size * 24
+        reserve = prefill + sampling + (1 << 30)
+        return int(memory_fraction * max(0, free + held - reserve)) // self.bytes_per_token
 
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` tokens of K and V (reallocating only to grow)."""
@@ -191,3 +213,54 @@ def extend_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dst_s
 @extend_attention_op.register_fake
 def _(q, k, v, dst_slots, starts, lens, key_len, layer, cache_id):
     return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------- forwards over the cache
+# The model's forward with the cache's attention ops bound in: the functions memrl/model_runner.py compiles
+# and captures. lm_head runs on one row per sequence (its last token), never on every position.
+
+def decode_fn(model: Transformer, cache_id: int):
+    def decode(tok, pos, kv_base, n):
+        """Slots 0..n-1: tok, pos [n] -> next-token logits [n, V]; K/V of the new token written at
+        kv_base + pos. Takes the whole static buffers and slices inside: torch.compile guards on a
+        view's base, so passing views of different lengths would recompile."""
+        tok, pos, kv_base = tok[:n], pos[:n], kv_base[:n]
+        lengths = pos + 1
+        kv_index = kv_base + pos[:, None]  # (B, Hkv)
+
+        def attn(layer, q, k, v):
+            return decode_attention_op(q, k, v, kv_index, lengths, layer, cache_id)
+
+        hidden = model(tok[:, None], positions=pos[:, None], attn_fn=attn, return_hidden=True)  # (B, 1, H)
+        return F.linear(hidden[:, 0], model.output_weight())
+
+    return decode
+
+
+def extend_fn(model: Transformer, cache_id: int):
+    def extend(ids, positions, last, dst, starts, lens, key_len: int):
+        """Right-padded suffixes [P, T] at absolute positions -> logits [P, V] at each suffix's last
+        token; their K/V stored into slots dst after the restored prefixes (KV continuation)."""
+
+        def attn(layer, q, k, v):
+            return extend_attention_op(q, k, v, dst, starts, lens, key_len, layer, cache_id)
+
+        hidden = model(ids, positions=positions, attn_fn=attn, return_hidden=True)  # (P, T, H)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return F.linear(hidden[rows, last], model.output_weight())
+
+    return extend
+
+
+def prefill_fn(model: Transformer, cache_id: int):
+    def prefill(ids, positions, last, dst, src):
+        """Right-padded ids [P, T] -> logits [P, V] at each prompt's last token; K/V into slots dst."""
+
+        def attn(layer, q, k, v):
+            return prefill_attention_op(q, k, v, dst, src, layer, cache_id)
+
+        hidden = model(ids, positions=positions, attn_fn=attn, return_hidden=True)  # (P, T, H)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return F.linear(hidden[rows, last], model.output_weight())  # lm_head on P rows, not P*T
+
+    return prefill

@@ -16,7 +16,7 @@ Invariants
   - forward() takes explicit positions, so the same code serves a padded batch (left padding, positions from
     the attention mask), packed sequences (positions restart per sequence, `seq_ids` / `seq_lengths` keep them
     apart; memrl/attention.py builds their layout once per forward for the backend `model.attention` names) and
-    the generator's KV cache (it passes `attn_fn`, which owns the cache and the mask; see memrl/generate.py).
+    the generator's KV cache (it passes `attn_fn`, which owns the cache and the mask; see memrl/kv_cache.py).
   - Numerics follow transformers: norms in fp32, RoPE angles in fp32 then cast to the activation dtype.
 """
 from __future__ import annotations

@@ -25,6 +25,8 @@ from memrl.errors import CheckpointError, ConfigError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 LOCAL_ROOTS = ("runs", "data", "assets", "checkpoints")  # where this project's own outputs live: never hub owners
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC_POLICY = REPO / "assets" / "synthetic-policy"  # model.path "": the default run's starting policy
 
 
 def is_hub_id(text: str) -> bool:
@@ -57,6 +59,13 @@ def model_source(text: str, key: str = "--model.path") -> Path | str:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise CheckpointError(f"{key}: {path}: no weights ({' or '.join(WEIGHT_FILES)})")
     return path
+
+
+def resolve_policy(path: str, key: str = "--model.path") -> Path | str:
+    """"" -> the built-in synthetic policy (scripts/make_synthetic_policy.py makes it); else model_source."""
+    if not path:
+        return SYNTHETIC_POLICY
+    return model_source(path, key)
 
 
 def check_input_file(key: str, text: str) -> None:

@@ -1,6 +1,7 @@
 """Rule-based rewards: a boxed math answer, a GSM8K number, or a QA answer's token F1.
 
-`score(response, answer, kind)` is the one entry point; it returns a float in [0, 1].
+`score(response, answer, kind)` is the one entry point, a float in [0, 1]; `episode_score(text, episode, kind)` is
+it against an episode's references (what training and evaluation call).
 
 - "math":  the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) of the response, checked for mathematical
            equivalence with math-verify (HuggingFace), not a home-made normaliser. A response with no boxed
@@ -32,6 +33,8 @@ from collections import Counter
 from fractions import Fraction
 
 from math_verify import parse, verify
+
+from memrl.episodes import REWARD_KINDS, Episode
 
 MATH_TIMEOUT_S = 5  # per parse / per comparison; math-verify's own default
 
@@ -177,7 +180,10 @@ def qa_score(response: str, answer: str | list[str]) -> float:
 
 # ----------------------------------------------------------------------------- entry point
 
-KINDS = ("math", "gsm8k", "qa")
+def episode_score(text: str, episode: Episode, default_kind: str) -> float:
+    """The reward of an episode's final answer `text`: against every reference (QA: the max F1, as LongBench
+    scores), graded as the episode's metadata.reward_kind says, else as `default_kind` (data.reward_kind)."""
+    return score(text, episode.references, episode.metadata.get("reward_kind", default_kind))
 
 
 def score(response: str, answer: str | list[str], kind: str) -> float:
@@ -190,4 +196,4 @@ def score(response: str, answer: str | list[str], kind: str) -> float:
         return gsm8k_score(response, answer)
     if kind == "qa":
         return qa_score(response, answer)
-    raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
+    raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")

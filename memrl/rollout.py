@@ -38,60 +38,31 @@ Invariants:
   on the seed, the step, its problem, its sample index and the policy, never on the rest of the batch or on
   wall-clock state. The episode id is global (not the problem's index in this call), so N ranks each rolling out
   their slice of a step's problems sample what one process rolling out all of them samples.
-- Benchmarks on random weights (Sampling.ignore_eos: no stop ids) may set a length profile: each request's
+- Benchmarks on random weights (rollout.ignore_eos: no stop ids) may set a length profile: each request's
   max_new_tokens is then drawn from a real model's length distribution (memrl/length_profile.py), seeded from the
   request's seed, so the packed sequences are as uneven as in training. Its n samples share the draw.
-- Noise shards: episodes from data_tools already hold their noise shards (metadata.noise_positions), and a rollout
-  plays every shard in order. `with_noise` (evaluation) inserts n WikiText passages after every problem shard with
-  data_tools.noise.make_variant(..., "noisy"), the same placement the offline tool writes.
+- Dynamic sampling (DAPO §3.2, algo.dynamic_sampling): a step keeps only the groups whose rewards differ (equal
+  rewards: zero advantage, no gradient) and rolls out more problems until it has enough (DynamicSampler, at most
+  algo.max_sampling_rounds rounds); concat joins the kept parts of every round into one batch.
+- Noise shards (memrl/noise.py) are shards like any other: an episode holds them (metadata.noise_positions), placed
+  offline by data_tools.noise or at run time by noise.noisy_episodes, and a rollout plays every shard in order.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from memrl.algo import TurnRecord
+from memrl.config import CONDITIONS, RolloutCfg
 from memrl.conversation import ConversationTurns, conversation_rows
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
 from memrl.length_profile import length_limit
+from memrl.sampling import derive_seed
 from memrl.templates import PROBLEM_SEPARATOR, Templates
 from memrl.tokenizer import Tokenizer
-
-# the order of the tables: whole problem -> sharded. full_history: the paper's evaluation condition (shards in the
-# prompt); conversation: the real multi-turn chat the full-history baseline trains on
-CONDITIONS = ("single_turn", "full_history", "conversation", "memory")
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (ints, strings): stable across processes and Python versions (no hash())."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-@dataclass
-class Sampling:
-    """How a rollout samples: the policy itself for training (temperature 1, no truncation), greedy for evaluation."""
-
-    memory_cap_tokens: int = 256  # max_new_tokens of a memory turn (paper A.1)
-    response_max_tokens: int = 512  # max_new_tokens of the final turn
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
-    ignore_eos: bool = False  # benchmarks: no stop ids, every turn runs to its full budget
-    thinking_budget_tokens: int = 0  # extra room for a thinking model's reasoning, on top of each turn's budget
-    length_profile: str = ""  # benchmarks, with ignore_eos: per-request limits drawn from memrl/length_profile.py
-
-    @classmethod
-    def from_config(cls, rollout_cfg, greedy: bool = False) -> "Sampling":
-        return cls(memory_cap_tokens=rollout_cfg.memory_cap_tokens,
-                   response_max_tokens=rollout_cfg.response_max_tokens, temperature=rollout_cfg.temperature,
-                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy,
-                   ignore_eos=rollout_cfg.ignore_eos, thinking_budget_tokens=rollout_cfg.thinking_budget_tokens,
-                   length_profile=rollout_cfg.length_profile)
-
 
 @dataclass
 class Trajectory:
@@ -146,6 +117,82 @@ def concat(results: Sequence[RolloutResult], keep: Sequence[Sequence[bool]] | No
     return RolloutResult(trajs, records, stats, conditions.pop() if len(conditions) == 1 else "")
 
 
+# ----------------------------------------------------------------------------- dynamic sampling (DAPO)
+
+def filter_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Keep mask [n] bool: False for every trajectory of a group whose rewards are all equal (zero advantage, no
+    gradient: DAPO §3.2 "Dynamic Sampling")."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
+    r = rewards.double()
+    gmax = torch.full((n_groups,), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amax")
+    gmin = torch.full((n_groups,), torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amin")
+    return (gmax > gmin)[inverse]
+
+
+class DynamicSampler:
+    """Collects groups with mixed rewards over generation rounds until `target_groups` are kept, for at most
+    `max_rounds` rounds (verl's max_num_gen_batches). Usage:
+
+        sampler = DynamicSampler(target_groups=B, max_rounds=cfg.max_sampling_rounds)
+        while sampler.need_more():
+            ...generate a round...; keep = sampler.add(rewards, group_ids)   # trims past the target
+        if sampler.exhausted(): print(sampler.message())                     # too easy / too hard
+    """
+
+    def __init__(self, target_groups: int, max_rounds: int):
+        assert target_groups > 0 and max_rounds > 0, (target_groups, max_rounds)
+        self.target_groups, self.max_rounds = target_groups, max_rounds
+        self.rounds = self.kept = self.seen = 0
+        self.all_solved = self.all_failed = self.all_equal_other = 0
+
+    def add(self, rewards: torch.Tensor, group_ids: torch.Tensor, max_reward: float = 1.0,
+            min_reward: float = 0.0) -> torch.Tensor:
+        """Keep mask [n] for this round: mixed-reward groups, in order of first appearance, up to the target."""
+        self.rounds += 1
+        keep = filter_groups(rewards, group_ids)
+        uniq, first = [], {}
+        for i, g in enumerate(group_ids.tolist()):
+            if g not in first:
+                first[g] = i
+                uniq.append(g)
+        for g in uniq:
+            i = first[g]
+            self.seen += 1
+            if keep[i]:
+                if self.kept < self.target_groups:
+                    self.kept += 1
+                else:  # past the target: drop the whole group
+                    keep = keep & (group_ids != g)
+            elif rewards[i] >= max_reward:
+                self.all_solved += 1
+            elif rewards[i] <= min_reward:
+                self.all_failed += 1
+            else:
+                self.all_equal_other += 1
+        return keep
+
+    def done(self) -> bool:
+        return self.kept >= self.target_groups
+
+    def need_more(self) -> bool:
+        return not self.done() and self.rounds < self.max_rounds
+
+    def exhausted(self) -> bool:
+        return not self.done() and self.rounds >= self.max_rounds
+
+    def message(self) -> str:
+        seen = max(self.seen, 1)
+        solved, failed = self.all_solved / seen, self.all_failed / seen
+        verdict = ("the data are too easy for this policy" if solved > failed
+                   else "the data are too hard for this policy" if failed > solved
+                   else "too many groups have equal rewards")
+        return (f"dynamic sampling: after {self.rounds} round(s) only {self.kept}/{self.target_groups} groups have "
+                f"mixed rewards ({self.all_solved}/{self.seen} groups all solved, {self.all_failed} all failed, "
+                f"{self.all_equal_other} otherwise equal): {verdict}. Raise algo.max_sampling_rounds, turn "
+                f"algo.dynamic_sampling off, or change the data/group size.")
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def problem_text(ep: Episode) -> str:
@@ -157,20 +204,6 @@ def problem_text(ep: Episode) -> str:
     return PROBLEM_SEPARATOR.join(s for i, s in enumerate(ep.shards) if i not in noise)
 
 
-def with_noise(episodes: Sequence[Episode], passages, n_noise: int, seed: int = 0) -> list[Episode]:
-    """Noisy evaluation (paper §3.1): n WikiText passages after every problem shard (data_tools.noise "noisy").
-    passages: data_tools.noise.load_passages(path)."""
-    if n_noise == 0:
-        return list(episodes)
-    from data_tools.noise import make_variant
-
-    out = []
-    for ep in episodes:
-        d = make_variant(ep.to_json(), "noisy", passages, seed=seed, n_noise=n_noise)
-        out.append(Episode(ep.id, d["question"], d["shards"], d["answer"], d["metadata"]))
-    return out
-
-
 # ----------------------------------------------------------------------------- the rollout
 
 def rollout(
@@ -180,7 +213,8 @@ def rollout(
     condition: str,
     group_size: int,
     templates: Templates,
-    sampling: Sampling,
+    settings: RolloutCfg,
+    greedy: bool = False,
     seed: int = 0,
     step: int = 0,
     full_history_notes: bool = True,
@@ -188,6 +222,10 @@ def rollout(
 ) -> RolloutResult:
     """len(episodes) x group_size trajectories under `condition`.
 
+    settings: the config's rollout section: the turn budgets (memory_cap_tokens, response_max_tokens,
+    thinking_budget_tokens) and how to sample (temperature, top_p, top_k, ignore_eos, length_profile); its
+    condition and group_size are not read (evaluation plays other conditions, one sample each). greedy: decode
+    greedily (evaluation) instead of sampling.
     full_history_notes: generate the intermediate full-history turns (their notes are not carried forward, so they
     do not change the answer: evaluation skips them).
     kv_reuse: conversation turns continue from the conversation's retained K/V (False: every turn prefills the
@@ -199,25 +237,25 @@ def rollout(
     memory = [templates.initial_memory] * len(trajs)
     records: list[TurnRecord] = []
     stats: list[dict] = []
-    stop_ids = frozenset() if sampling.ignore_eos else frozenset(tokenizer.stop_ids)
+    stop_ids = frozenset() if settings.ignore_eos else frozenset(tokenizer.stop_ids)
     chats = None
     if condition == "conversation":
         window = getattr(generator, "window", None) or generator.cfg.max_position_embeddings
         chats = ConversationTurns(tokenizer, templates, window, kv_reuse)
 
     def budget(kind: str) -> int:  # of the reply; reasoning may take thinking_budget_tokens more
-        return sampling.memory_cap_tokens if kind == "memory" else sampling.response_max_tokens
+        return settings.memory_cap_tokens if kind == "memory" else settings.response_max_tokens
 
     def params(kind: str, n: int, request_seed: int) -> SamplingParams:
         limit = budget(kind)
-        if sampling.length_profile:  # random weights never stop: a real model's length instead (its n samples share it)
-            limit = length_limit(sampling.length_profile, kind, derive_seed(request_seed, "length"), limit)
-        return SamplingParams(max_new_tokens=limit + sampling.thinking_budget_tokens,
-                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                              greedy=sampling.greedy, stop_ids=stop_ids, n=n, seed=request_seed)
+        if settings.length_profile:  # random weights never stop: a real model's length (its n samples share it)
+            limit = length_limit(settings.length_profile, kind, derive_seed(request_seed, "length"), limit)
+        return SamplingParams(max_new_tokens=limit + settings.thinking_budget_tokens,
+                              temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                              greedy=greedy, stop_ids=stop_ids, n=n, seed=request_seed)
 
     n_turns = 1 if condition == "single_turn" else 1 + max(len(ep.shards) for ep in episodes)
-    slot_len = chats.slot_len(episodes, sampling.memory_cap_tokens, sampling.response_max_tokens) if chats else 0
+    slot_len = chats.slot_len(episodes, settings.memory_cap_tokens, settings.response_max_tokens) if chats else 0
     try:
         for turn in range(n_turns):
             # (trajectory, kind, prompt) for every trajectory alive at this turn: the text, or (conversation) ids
@@ -267,7 +305,7 @@ def rollout(
                 start = reply_start(tokenizer, prompt, ids)
                 # only the reasoning allowance lets a reply outgrow its budget (short reasoning, long reply): cut it
                 # there. Never in a conversation: its next prompt extends exactly the generated (and retained) ids
-                if (chats is None and sampling.thinking_budget_tokens and start is not None
+                if (chats is None and settings.thinking_budget_tokens and start is not None
                         and len(ids) - start > budget(kind)):
                     ids, logprobs, finish = ids[:start + budget(kind)], logprobs[:start + budget(kind)], "length"
                 text = decode_response(tokenizer, ids, prompt)

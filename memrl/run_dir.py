@@ -25,6 +25,7 @@ import os
 import re
 from pathlib import Path
 
+from memrl.atomic import write_text_atomic
 from memrl.config import RUN_CONFIG_NAME, Config, config_changes, load_config
 from memrl.errors import CheckpointError, ConfigError, DataError
 
@@ -157,7 +158,5 @@ def keep_metrics_up_to(path: str | os.PathLike, step: int) -> bool:
     if not path.is_file():
         return False
     rows, torn = read_metrics(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
     return torn

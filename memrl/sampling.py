@@ -19,9 +19,14 @@ or on any global RNG state. token = argmax(z + Gumbel) is an exact sample of sof
 lets the GPU sample in one pass over the logits without sorting (`sample_fused`, a Triton kernel beside its
 reference `sample_torch`; both use the same hash, so they pick the same token up to float rounding of the logs).
 The hash is murmur3's 32-bit finaliser (fmix32), applied three times; a uniform has 24 random bits.
+
+Seeds (STYLE 10): every random stream of a run is named by derive_seed(train.seed, what, ...): a rollout request's
+(step, episode, turn, sample), the data order's epoch, the mini-batch split's step, evaluation's sampled score. So
+nothing depends on global RNG state, and a resumed run draws what the uninterrupted one drew.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,13 @@ from kernels.backend import tl, triton
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1  # 2^32 / phi: spreads consecutive token ids / steps over the 32-bit range before mixing
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (ints, strings): stable across processes and Python versions (no hash():
+    blake2b of the parts joined by "/")."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @dataclass

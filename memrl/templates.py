@@ -51,6 +51,10 @@ HISTORY_SEPARATOR = "\n"  # full-history: the shards seen so far, one per line, 
 PROBLEM_SEPARATOR = " "  # single-turn without metadata.problem: the shards joined back into one text
 
 _PLACEHOLDER = re.compile(r"\{(question|memory|segment|problem)\}")
+# the placeholders each template must hold (checked here and by memrl.config for rollout.<kind>_template)
+PLACEHOLDERS = {"memory": ("question", "memory", "segment"), "final": ("question", "memory"),
+                "single_turn": ("question", "problem"), "conversation_shard": ("question", "segment"),
+                "conversation_final": ("question",)}
 _MEMORY_LINE = "<memory> {memory} </memory>\n"
 
 
@@ -86,9 +90,7 @@ class Templates:
     conversation_final: str = CONVERSATION_FINAL_TEMPLATE
 
     def __post_init__(self):
-        for name, keys in (("memory", ("question", "memory", "segment")), ("final", ("question", "memory")),
-                           ("single_turn", ("question", "problem")), ("conversation_shard", ("question", "segment")),
-                           ("conversation_final", ("question",))):
+        for name, keys in PLACEHOLDERS.items():
             missing = [k for k in keys if "{" + k + "}" not in getattr(self, name)]
             assert not missing, f"{name} template lacks the placeholder(s) {missing}: {getattr(self, name)!r}"
         for name in ("conversation_shard", "conversation_final"):

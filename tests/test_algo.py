@@ -5,8 +5,12 @@ import random
 import pytest
 import torch
 
-from memrl.algo import (DynamicSampler, TurnRecord, broadcast_advantages, count_response_tokens, filter_groups,
-                        group_advantages, overlong_penalty, pack_turns, policy_loss)
+from memrl.algo import (TurnRecord, broadcast_advantages, count_response_tokens, group_advantages, overlong_penalty,
+                        pack_turns, policy_loss)
+from memrl.config import AlgoCfg
+from memrl.rollout import DynamicSampler, filter_groups
+
+NO_KL = AlgoCfg(kl_coef=0.0)  # the loss settings of the tests without a reference model
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -188,7 +192,7 @@ def test_every_loss_branch_hand_computed():
     old = torch.full((5,), -1.0)
     logp = (old.double() + ratios.log()).float().requires_grad_()
     n = torch.tensor(5.0)
-    loss, m = policy_loss(logp, adv, n, old_logp=old, eps_low=0.2, eps_high=0.28, clip_c=3.0)
+    loss, m = policy_loss(logp, adv, n, AlgoCfg(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.0), old_logp=old)
     pg = [-1.1, -1.28, 0.8, 3.0, -1.0]
     assert loss.item() == pytest.approx(sum(pg) / 5, abs=1e-6)
     loss.backward()
@@ -202,7 +206,7 @@ def test_every_loss_branch_hand_computed():
 def test_on_policy_ratio_is_exactly_one():
     logp = torch.tensor([-0.3, -2.0, -0.7], requires_grad=True)
     adv = torch.tensor([0.5, -0.25, 1.0])
-    loss, m = policy_loss(logp, adv, torch.tensor(3.0))  # old_logp None
+    loss, m = policy_loss(logp, adv, torch.tensor(3.0), NO_KL)  # old_logp None
     assert loss.item() == pytest.approx(-(0.5 - 0.25 + 1.0) / 3, abs=1e-7)
     loss.backward()
     torch.testing.assert_close(logp.grad, -adv / 3)  # dρ/dlogp = ρ = 1
@@ -219,7 +223,8 @@ def test_kl_estimators_hand_computed(kl_type, values, grads):
     logp = torch.tensor([-1.0, -0.5], requires_grad=True)
     ref = torch.tensor([-0.5, -1.5])
     beta = 0.1
-    loss, m = policy_loss(logp, torch.zeros(2), torch.tensor(2.0), ref_logp=ref, kl_coef=beta, kl_type=kl_type)
+    loss, m = policy_loss(logp, torch.zeros(2), torch.tensor(2.0), AlgoCfg(kl_coef=beta, kl_type=kl_type),
+                          ref_logp=ref)
     assert m["kl"].item() == pytest.approx(sum(values) / 2, abs=1e-6)
     assert loss.item() == pytest.approx(beta * sum(values) / 2, abs=1e-6)  # A = 0: the pg term vanishes
     loss.backward()
@@ -228,7 +233,7 @@ def test_kl_estimators_hand_computed(kl_type, values, grads):
 
 def test_kl_needs_a_reference():
     with pytest.raises(AssertionError, match="ref_logp"):
-        policy_loss(torch.zeros(2, requires_grad=True), torch.zeros(2), torch.tensor(2.0), kl_coef=0.1)
+        policy_loss(torch.zeros(2, requires_grad=True), torch.zeros(2), torch.tensor(2.0), AlgoCfg(kl_coef=0.1))
 
 
 @pytest.mark.parametrize("by_length", [False, True])
@@ -241,7 +246,7 @@ def test_micro_batched_token_mean_equals_global_token_mean(budget, by_length):
     new = {k: -torch.rand(len(r.response_ids), generator=gen) for k, r in enumerate(records)}
     ref = {k: v - 0.3 * torch.randn(len(v), generator=gen) for k, v in new.items()}
     old = {k: v + 0.4 * torch.randn(len(v), generator=gen) for k, v in new.items()}  # some ratios clip
-    kw = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.05, kl_type="k3")
+    settings = AlgoCfg(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_coef=0.05, kl_type="k3")
     n_global = torch.tensor(float(count_response_tokens(records)))
 
     def run(batches):
@@ -249,7 +254,8 @@ def test_micro_batched_token_mean_equals_global_token_mean(budget, by_length):
         total, metrics = 0.0, {}
         for b in batches:
             cat = lambda d: torch.cat([d[k] for k in b.record_indices])  # noqa: E731
-            loss, m = policy_loss(cat(leaves), b.advantages, n_global, old_logp=cat(old), ref_logp=cat(ref), **kw)
+            loss, m = policy_loss(cat(leaves), b.advantages, n_global, settings, old_logp=cat(old),
+                                  ref_logp=cat(ref))
             loss.backward()  # gradient accumulation, as the trainer does
             total = total + loss.detach()
             for name, v in m.items():
@@ -274,7 +280,7 @@ def test_micro_batched_token_mean_equals_global_token_mean(budget, by_length):
 
 def test_entropy_metric_is_a_global_token_mean_share():
     logp = torch.zeros(4, requires_grad=True)
-    _, m = policy_loss(logp, torch.zeros(4), torch.tensor(8.0), entropy=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    _, m = policy_loss(logp, torch.zeros(4), torch.tensor(8.0), NO_KL, entropy=torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert m["entropy"].item() == pytest.approx(10 / 8)
 
 
@@ -361,7 +367,7 @@ def test_response_logprobs_of_packed_batch_match_unpacked_forward():
 # ----------------------------------------------------------------------------- mini-batches and rollout correction
 
 def test_mini_batches_split_by_problem_shuffled_and_rank_invariant():
-    from memrl.minibatch import split_by_problem
+    from memrl.algo import split_by_problem
 
     records = _records(seed=4, n_groups=8, group_size=2)  # 8 problems, 2 samples each, several turns
     problem = [r.group_id for r in records]
@@ -391,7 +397,7 @@ def test_mini_batches_split_by_problem_shuffled_and_rank_invariant():
 
 
 def test_rollout_correction_hand_computed():
-    from memrl.rollout_correction import mismatch_metrics, rollout_correction
+    from memrl.algo import mismatch_metrics, rollout_correction
 
     # two sequences: tokens 0-2 (d = 0.1, -0.1, 0.3) and token 3 (d = -0.5); C = 1.2, bounds [0.9, 1.1]
     train = torch.tensor([-1.0, -2.0, -0.5, -3.0])
@@ -429,7 +435,7 @@ def test_length_sorted_packing_gives_the_same_loss_and_gradients_through_the_mod
         total = 0.0
         for b in batches:
             logp, _ = response_logprobs(model, b)
-            loss, _ = policy_loss(logp, b.advantages, n_global, old_logp=logp.detach() + 0.1)
+            loss, _ = policy_loss(logp, b.advantages, n_global, NO_KL, old_logp=logp.detach() + 0.1)
             loss.backward()
             total += loss.item()
         return total, [p.grad.clone() for p in model.parameters()]

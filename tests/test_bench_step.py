@@ -162,7 +162,8 @@ def test_rollout_stops_each_request_at_its_profile_draw():
     from memrl.generate import Generator
     from memrl.hf_io import load_model
     from memrl.length_profile import length_limit
-    from memrl.rollout import Sampling, derive_seed, rollout
+    from memrl.rollout import rollout
+    from memrl.sampling import derive_seed
     from memrl.templates import Templates
     from memrl.tokenizer import Tokenizer
 
@@ -176,7 +177,7 @@ def test_rollout_stops_each_request_at_its_profile_draw():
                      f"--rollout.length_profile={bench_step.DEFAULT_PROFILE}"])
     G, seed, step = 2, 5, 3
     res = rollout(gen, tok, episodes, "memory", G, Templates.from_config(cfg.rollout),
-                  Sampling.from_config(cfg.rollout), seed=seed, step=step)
+                  cfg.rollout, seed=seed, step=step)
     for rec in res.records:
         traj = res.trajectories[rec.trajectory_id]
         # the first memory turn's prompt is the same for all G samples: one request, seeded by sample 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memrl.algo import TurnRecord, pack_turns, response_logprobs
-from memrl.compile import COMPILE_STATS, _compiled_graphs, compile_blocks
+from memrl.compile import COMPILE_STATS, compiled_graphs, compile_blocks
 from memrl.hf_io import load_model
 from memrl.model import MLP, RMSNorm
 from tests.tiny import make_tiny_checkpoint
@@ -52,7 +52,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tmp_path, backend):
         for name, g in want_grads.items():  # fp32 rounding of reordered sums: relative to the tensor's scale
             err = (got_grads[name] - g).abs().max().item()
             assert err <= 1e-5 * g.abs().max().item(), f"{name}: max |grad diff| {err:.2e}"
-        compiles_after.append(_compiled_graphs())
+        compiles_after.append(compiled_graphs())
     assert batches[0].num_tokens != batches[1].num_tokens
     assert compiles_after[1] == compiles_after[0] > 0, "a micro-batch of another length compiled again"
     assert 0 < COMPILE_STATS["compiles"] - stats_before["compiles"] <= compiles_after[0]
@@ -61,7 +61,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tmp_path, backend):
         for mb in batches:
             torch.testing.assert_close(response_logprobs(compiled, mb)[0], response_logprobs(eager, mb)[0],
                                        rtol=1e-5, atol=1e-5)
-    no_grad_compiles = _compiled_graphs() - compiles_after[1]
+    no_grad_compiles = compiled_graphs() - compiles_after[1]
     with torch.no_grad():
         response_logprobs(compiled, micro_batch([(4, 3), (50, 9)], seed=3))
-    assert _compiled_graphs() - compiles_after[1] == no_grad_compiles
+    assert compiled_graphs() - compiles_after[1] == no_grad_compiles

@@ -172,7 +172,7 @@ def test_ignore_eos_runs_every_turn_to_its_budget():
     from memrl import synthetic
     from memrl.generate import Generator
     from memrl.hf_io import load_model
-    from memrl.rollout import Sampling, rollout
+    from memrl.rollout import rollout
     from memrl.templates import Templates
     from memrl.tokenizer import Tokenizer
 
@@ -185,9 +185,8 @@ def test_ignore_eos_runs_every_turn_to_its_budget():
     for ignore in (False, True):
         cfg = parse_cli(["--rollout.memory_cap_tokens=20", "--rollout.response_max_tokens=20",
                          f"--rollout.ignore_eos={ignore}"])
-        sampling = Sampling.from_config(cfg.rollout)
-        assert sampling.ignore_eos is ignore
-        res = rollout(gen, tok, episodes, "memory", 2, Templates.from_config(cfg.rollout), sampling)
+        assert cfg.rollout.ignore_eos is ignore
+        res = rollout(gen, tok, episodes, "memory", 2, Templates.from_config(cfg.rollout), cfg.rollout)
         lengths = [len(r.response_ids) for r in res.records]
         if ignore:
             assert lengths == [20] * len(res.records) and all(r.finish_reason == "length" for r in res.records)

@@ -12,7 +12,8 @@ from memrl.conversation import RAW_TURN_SEPARATOR, ChatContinuation
 from memrl.episodes import Episode
 from memrl.generate import Completion, Generator
 from memrl.hf_io import load_model
-from memrl.rollout import Sampling, decode_response, rollout
+from memrl.config import RolloutCfg
+from memrl.rollout import decode_response, rollout
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer, make_byte_tokenizer
 from tests.tiny import make_tiny_checkpoint
@@ -32,6 +33,10 @@ QWEN3_LIKE = (
     "<|im_start|>{{ message['role'] }}\n{{ content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def budgets(memory_cap_tokens: int, response_max_tokens: int) -> RolloutCfg:
+    return RolloutCfg(memory_cap_tokens=memory_cap_tokens, response_max_tokens=response_max_tokens)
 
 
 def byte_tokenizer(path, template: str | None = None, specials=()) -> Tokenizer:
@@ -127,7 +132,7 @@ def test_conversation_ids_equal_a_full_render(tmp_path, template):
     replies = [("Ann: 3.", end), ("Ann: 3 + 2 = 5", None), ("Ann: 4.", end), ("\\boxed{4}", end)]  # turn 1 is cut
     gen = ScriptedChat(tok, replies)
     tpl = Templates()
-    res = rollout(gen, tok, [EPISODE], "conversation", 2, tpl, Sampling(8, 8, greedy=True), kv_reuse=False)
+    res = rollout(gen, tok, [EPISODE], "conversation", 2, tpl, budgets(8, 8), greedy=True, kv_reuse=False)
     turns = [r for r in res.records if r.trajectory_id == 0]
     assert [r.kind for r in turns] == ["memory"] * 3 + ["final"]
     for t, rec in enumerate(turns):
@@ -145,7 +150,8 @@ def test_where_a_render_differs_the_model_keeps_its_own_tokens(tmp_path):
     im_end = tok.hf.convert_tokens_to_ids("<|im_end|>")
     gen = ScriptedChat(tok, [("Ann: 3.", eot), ("\\boxed{3}", im_end)])
     ep = Episode("e", "How many?", ["Ann has 3."], "3")
-    res = rollout(gen, tok, [ep], "conversation", 1, Templates(), Sampling(8, 8, greedy=True), kv_reuse=False)
+    res = rollout(gen, tok, [ep], "conversation", 1, Templates(), budgets(8, 8), greedy=True,
+                  kv_reuse=False)
     final = res.records[-1]
     rendered = render(tok, chat_messages(Templates(), ep, ["Ann: 3."], 1))
     reply_end = len(res.records[0].prompt_ids) + len(tok.encode("Ann: 3."))
@@ -155,7 +161,8 @@ def test_where_a_render_differs_the_model_keeps_its_own_tokens(tmp_path):
     end = qwen3.hf.convert_tokens_to_ids("<|im_end|>")
     thinking = "<think>\nadd them\n</think>\n\nAnn: 3."
     gen = ScriptedChat(qwen3, [(thinking, end), ("\\boxed{3}", end)])
-    res = rollout(gen, qwen3, [ep], "conversation", 1, Templates(), Sampling(40, 8, greedy=True), kv_reuse=False)
+    res = rollout(gen, qwen3, [ep], "conversation", 1, Templates(), budgets(40, 8), greedy=True,
+                  kv_reuse=False)
     final = res.records[-1]
     assert qwen3.decode(final.prompt_ids, skip_special_tokens=False).count("<think>") == 1  # what the model wrote
     rendered = qwen3.decode(render(qwen3, chat_messages(Templates(), ep, [thinking], 1)), skip_special_tokens=False)
@@ -189,14 +196,13 @@ def test_kv_continuation_equals_prefilling_every_turn(policy, greedy):
     and seeded sampling), log-probs within 1e-5; and greedy replies equal a full-recompute loop on each prompt."""
     model, tok = policy
     G = 1 if greedy else 3
-    kw = dict(seed=7, step=2)
-    sampling = Sampling(6, 5, greedy=greedy)
+    kw = dict(seed=7, step=2, greedy=greedy)
     gen = Generator(model, tok.vocab_size)
-    reused = rollout(gen, tok, episodes(), "conversation", G, Templates(), sampling, **kw)
+    reused = rollout(gen, tok, episodes(), "conversation", G, Templates(), budgets(6, 5), **kw)
     assert len(gen.retained) == 0  # every retained K/V freed when its conversation ended
     assert sum(s["reused_kv_tokens"] for s in reused.generate_stats) > 0
-    fresh = rollout(Generator(model, tok.vocab_size), tok, episodes(), "conversation", G, Templates(), sampling,
-                    kv_reuse=False, **kw)
+    fresh = rollout(Generator(model, tok.vocab_size), tok, episodes(), "conversation", G, Templates(),
+                    budgets(6, 5), kv_reuse=False, **kw)
     assert len(reused.records) == len(fresh.records)
     for a, b in zip(reused.records, fresh.records):
         assert (a.trajectory_id, a.turn_index) == (b.trajectory_id, b.turn_index)
@@ -212,7 +218,7 @@ def test_kv_continuation_equals_prefilling_every_turn(policy, greedy):
 def test_training_row_masks_exactly_every_reply(policy):
     model, tok = policy
     res = rollout(Generator(model, tok.vocab_size), tok, episodes(), "conversation", 2, Templates(),
-                  Sampling(6, 5), seed=1)
+                  budgets(6, 5), seed=1)
     rows = res.training_records()
     assert len(rows) == len(res.trajectories) == 6 and all(r.kind == "conversation" for r in rows)
     advantages = torch.linspace(-1, 1, 6)
@@ -240,5 +246,5 @@ def test_a_conversation_beyond_the_window_is_refused_clearly(policy):
     long = Episode("long", "How many?", ["x" * 200] * 3, "1")  # 3 turns of ~240 tokens > the 512-token window
     gen = Generator(model, tok.vocab_size)
     with pytest.raises(ValueError, match="context window is 512"):
-        rollout(gen, tok, [long], "conversation", 1, Templates(), Sampling(4, 4))
+        rollout(gen, tok, [long], "conversation", 1, Templates(), budgets(4, 4))
     assert len(gen.retained) == 0  # freed on the way out

@@ -11,10 +11,10 @@ import pytest
 
 from data_tools.chunk_docs import TokenCounter, chunk_document, load_documents
 from data_tools.chunk_docs import main as chunk_main
-from data_tools.noise import Passage, detokenize, load_passages, make_variant, problem_shards
+from memrl.noise import Passage, detokenize, load_passages, make_variant, problem_shards
 from data_tools.noise import main as noise_main
 from data_tools.schema import DataError, read_episodes, validate_episode
-from data_tools.sentences import split_sentences
+from memrl.sentences import split_sentences
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKI = DATA / "wikitext2" / "wiki.test.raw"

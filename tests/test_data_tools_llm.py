@@ -25,7 +25,7 @@ from data_tools.llm_shard import LLMShardConfig, LLMSharder, parse_json_object
 from data_tools.rule_shard import rule_shard
 from data_tools.runner import failures_path
 from data_tools.schema import read_episodes
-from data_tools.sentences import sentences
+from memrl.sentences import sentences
 from data_tools.shard import main as shard_main
 from memrl.errors import ConfigError
 

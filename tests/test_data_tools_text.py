@@ -15,7 +15,7 @@ from data_tools.checks import check_chunks, check_sharding, numbers
 from data_tools.datasets import load_gsm8k, load_math500, load_problems
 from data_tools.rule_shard import ShardingError, rule_shard
 from data_tools.schema import DataError, read_episodes, validate_episode
-from data_tools.sentences import protected_spans, sentences
+from memrl.sentences import protected_spans, sentences
 
 REPO = Path(__file__).resolve().parents[1]
 from data_tools.shard import main as shard_main

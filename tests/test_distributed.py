@@ -222,7 +222,7 @@ def test_rollout_view_keeps_its_tensors_and_holds_the_new_weights(single_rank_gr
         assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in view.parameters())
         params = SamplingParams(max_new_tokens=4, greedy=True)
         gen.generate([[1, 2, 3]], params)
-    layout, state = gen._layout_key, gen.state
+    layout, state = gen.runner._layout_key, gen.runner.state
     masters = dict(model.named_parameters())
     first = {name: p.clone() for name, p in view.named_parameters()}
     for name, p in view.named_parameters():
@@ -235,7 +235,7 @@ def test_rollout_view_keeps_its_tensors_and_holds_the_new_weights(single_rank_gr
     with gathered_for_rollout(model, view):
         assert [(id(p), p.data_ptr()) for p in view.parameters()] == ids  # same tensors, same storage
         gen.generate([[1, 2, 3]], params)
-    assert gen._layout_key == layout and gen.state is state  # the generator kept its layout (no re-capture on GPU)
+    assert gen.runner._layout_key == layout and gen.runner.state is state  # the layout kept (no re-capture on GPU)
     masters = dict(model.named_parameters())
     changed = 0
     for name, p in view.named_parameters():

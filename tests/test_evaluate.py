@@ -1,4 +1,4 @@
-"""evaluate.py: accuracy per condition checked against a scripted policy; the CLI end to end on a tiny model; plots."""
+"""memrl/evaluation.py and evaluate.py: accuracy per condition checked against a scripted policy; the CLI end to end on a tiny model; plots."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
 from memrl.config import preset
 from memrl.episodes import Episode, write_episodes
 from memrl.errors import CheckpointError
+from memrl.evaluation import evaluate_policy, lic_drop
 from memrl.generate import Completion
+from memrl.paths import resolve_policy
+from memrl.report import markdown_table
 from memrl.rollout import CONDITIONS
 from tests.tiny import make_tiny_checkpoint
 
@@ -48,13 +50,13 @@ def test_accuracy_and_lic_drop_against_a_scripted_policy(tmp_path):
     tok = Tokenizer.from_pretrained(make_byte_tokenizer(tmp_path / "tok"))
     eps = [Episode(f"e{i}", f"Question {i}?", ["a.", "b."], str(i)) for i in range(4)]
     answers = {f"Question {i}?": f"\\boxed{{{i if i < 3 else 99}}}" for i in range(4)}  # 3 of 4 right
-    acc = evaluate.evaluate_policy(ScriptedGenerator(tok, answers), tok, eps, preset("default"), CONDITIONS,
+    acc = evaluate_policy(ScriptedGenerator(tok, answers), tok, eps, preset("default"), CONDITIONS,
                                    batch_size=3)
     for c in CONDITIONS:
         assert acc[c]["accuracy"] == 0.75 and acc[c]["n"] == 4
     acc["memory"]["accuracy"] = 0.25
-    assert evaluate.lic_drop(acc) == {"full_history": 0.0, "conversation": 0.0, "memory": 0.5}
-    table = evaluate.markdown_table({"ckpt": {"conditions": acc, "lic_drop": evaluate.lic_drop(acc)}})
+    assert lic_drop(acc) == {"full_history": 0.0, "conversation": 0.0, "memory": 0.5}
+    table = markdown_table({"ckpt": {"conditions": acc, "lic_drop": lic_drop(acc)}})
     assert "| ckpt | 0.750 | 0.750 | 0.750 | 0.250 | +0.000 | +0.000 | +0.500 |" in table
 
 
@@ -94,6 +96,6 @@ def test_plot_of_training_curves(tmp_path):
 
 
 def test_resolve_policy(tmp_path):
-    assert evaluate.resolve_policy("") == REPO / "assets" / "synthetic-policy"
+    assert resolve_policy("") == REPO / "assets" / "synthetic-policy"
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
-        evaluate.resolve_policy(str(tmp_path))  # neither a checkpoint nor a run directory with checkpoints
+        resolve_policy(str(tmp_path))  # neither a checkpoint nor a run directory with checkpoints

@@ -2,7 +2,7 @@
 command compares two tiny checkpoints on all of them, and the outputs are checked against the episode files.
 
     GSM8K test, MATH500 (rule sharder), noisy MATH500 n = 2, 4 (WikiText noise), long-document QA from a LongBench
-    file written here (chunked by data_tools.chunk_docs) and from L-Eval (the raw file, chunked by evaluate.py)
+    file written here (chunked by data_tools.chunk_docs) and from L-Eval (the raw file, chunked as evaluate.py reads it)
 
 The tiny random models answer nonsense, so their scores say nothing; what is checked is that every number in the
 outputs is what the episode files and memrl.reward give, and (with an oracle policy) that right answers on the real
@@ -20,16 +20,18 @@ from pathlib import Path
 import pytest
 
 import evaluate
+from data_tools.chunk_docs import chunk_raw_documents
 from data_tools.chunk_docs import main as chunk_main
 from data_tools.noise import main as noise_main
 from data_tools.shard import main as shard_main
-from memrl.config import parse_cli
+from memrl.config import EVAL_CONDITIONS, parse_cli
 from memrl.episodes import load_episodes
+from memrl.evaluation import eval_episodes
 from memrl.generate import Completion
 from memrl.reward import score
 from tests.tiny import make_tiny_checkpoint
 
-CONDITIONS = evaluate.DEFAULT_CONDITIONS  # the paper's three, evaluate.py's default
+CONDITIONS = EVAL_CONDITIONS  # the paper's three, evaluate.py's default
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -146,7 +148,7 @@ def test_long_documents_are_cut_to_the_window_only_where_they_must(run):
 
 def test_leval_read_raw_equals_the_chunk_cli(files):
     cfg = parse_cli(["--data.eval_limit=3"])
-    direct = evaluate.eval_episodes(cfg, path=str(LEVAL), limits=False)
+    direct = eval_episodes(cfg, path=str(LEVAL), limits=False, chunk_documents=chunk_raw_documents)
     assert direct == load_episodes(files["leval"])
     assert all(e.metadata["source"] == "leval:multidoc_qa" and len(e.shards) >= 10 for e in direct)
 

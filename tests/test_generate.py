@@ -315,8 +315,8 @@ def test_gpu_schedule_on_cpu(tmp_path, monkeypatch, kernels):
     want = Generator(model, vocab_size=259, kernels="torch", **eager).generate(prompts, params)
     budget = 5 * 32 if kernels == "torch" else 3 * 16  # 5 / 3 slots for 11 / 5 rows
     gen = Generator(model, vocab_size=259, kernels=kernels, sync_every=3, kv_budget_tokens=budget, **eager)
-    gen._pad_batches = gen._rehearse = True
-    monkeypatch.setattr("memrl.generate._bucket", lambda n, cap: cap)  # the most padding: every step runs all slots
+    gen.runner.pad_batches = gen.runner.rehearse = True
+    monkeypatch.setattr("memrl.model_runner._bucket", lambda n, cap: cap)  # most padding: every step runs all slots
     got = gen.generate(prompts, params)
     assert gen.last_stats["admissions"] > 1 and gen.last_stats["padded_row_steps"] > 0
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
@@ -345,7 +345,7 @@ def test_every_entry_point_runs_without_autograd(qwen2):
     finally:
         hook.remove()
     assert grad_in_forward and not any(grad_in_forward)
-    assert not gen.state.out_logp.requires_grad
+    assert not gen.runner.state.out_logp.requires_grad
 
 
 def test_compile_failure_falls_back_loudly_or_raises(qwen2, monkeypatch):
@@ -382,7 +382,7 @@ def test_torch_compile_equals_eager_on_cpu(qwen2):
 
 
 def test_graph_buckets():
-    from memrl.generate import MIN_BUCKET, _bucket
+    from memrl.model_runner import MIN_BUCKET, _bucket
 
     sizes = [_bucket(n, 10_000) for n in range(1, 1025)]
     assert all(b >= n for n, b in zip(range(1, 1025), sizes)) and len(set(sizes)) <= 16
@@ -423,7 +423,7 @@ def test_one_compile_per_function_and_graphs_kept_across_layouts(qwen2, monkeypa
     torch._dynamo.reset()
     gen = Generator(qwen2, vocab_size=259, compile=True, compile_prefill=True, compile_fallback=False,
                     kv_budget_tokens=1024)  # one cache buffer throughout (a regrown buffer would drop every layout)
-    gen._pad_batches = gen._rehearse = True  # the GPU schedule: padded buckets, a capture per new (bucket, layout)
+    gen.runner.pad_batches = gen.runner.rehearse = True  # GPU schedule: padded buckets, a capture per (bucket, layout)
     got = _rollout_like_calls(gen)
     assert gen.lifetime["compiles"] == 2, gen.lifetime  # one decode graph, one prefill graph
     want = _rollout_like_calls(Generator(qwen2, vocab_size=259))
@@ -466,9 +466,9 @@ def test_per_layer_compile_once_for_all_layers(ckpts, monkeypatch):
     out = model(ids)  # grad on, one sequence of 4 tokens: the eager code, no new graph
     out.sum().backward()
     torch.testing.assert_close(out, want_logits, rtol=0, atol=0)
-    from memrl.compile import _compiled_graphs
-    before = _compiled_graphs()
+    from memrl.compile import compiled_graphs
+    before = compiled_graphs()
     model(ids)
-    assert _compiled_graphs() == before and gen.lifetime["compiles"] == graphs
+    assert compiled_graphs() == before and gen.lifetime["compiles"] == graphs
     uncompile_layers(model)
     assert all("attention_inputs" not in vars(layer) for layer in model.model.layers)

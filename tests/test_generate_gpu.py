@@ -59,7 +59,7 @@ def test_cuda_graphs_with_compile_equal_eager(ckpt):
     assert_same(gen.generate(prompts, params), got, tol=0)  # second call: graphs reused
     # driven as the benchmark's step breakdown drives it: internal entry points, caller's grad mode on. The forward
     # must still run under no_grad (a compile traced with grad on fails on the attention ops, which have no autograd)
-    gen.compile_fallback = False
+    gen.runner.compile_fallback = False
     with torch.enable_grad():
         _, _, live = gen._start(prompts, params)
         gen._admit(deque(live))

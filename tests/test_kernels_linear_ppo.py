@@ -26,7 +26,7 @@ B = importlib.import_module("kernels.ppo_loss")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_EPS = 2.0**-8
-KW = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0)
+KW = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0)  # the kernels take these from the caller: no defaults
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +108,7 @@ def run(fn, case, T=1.0, kl_coef=0.0, kl_type="k3", with_entropy=False, scale=No
     w = case["weight"].detach().clone().requires_grad_()
     args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
     loss, metrics, logp, ent = fn(h, w, temperature=T, kl_coef=kl_coef, kl_type=kl_type, with_entropy=with_entropy,
-                                  **args)
+                                  **KW, **args)
     (loss if scale is None else loss * scale).backward()
     return dict(loss=loss.detach(), metrics=metrics, logp=logp, ent=ent, dh=h.grad, dw=w.grad)
 
@@ -237,15 +237,16 @@ def test_deterministic_grad_output_no_grad_and_frozen_weight():
     args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
     with torch.no_grad():  # forward only: same loss and logp, no gradient work
         loss, _, logp, _ = linear_ppo_loss(case["hidden"], case["weight"], temperature=0.7, kl_coef=0.1,
-                                           kl_type="k2", **args)
+                                           kl_type="k2", **KW, **args)
     assert torch.equal(loss, a["loss"]) and torch.equal(logp, a["logp"])
     h = case["hidden"].detach().clone().requires_grad_()
-    loss, *_ = linear_ppo_loss(h, case["weight"], temperature=0.7, kl_coef=0.1, kl_type="k2", **args)
+    loss, *_ = linear_ppo_loss(h, case["weight"], temperature=0.7, kl_coef=0.1, kl_type="k2", **KW, **args)
     loss.backward()
     assert torch.equal(h.grad, a["dh"])
     with pytest.raises(RuntimeError, match="twice"):
         h2 = case["hidden"].detach().clone().requires_grad_()
-        loss, *_ = linear_ppo_loss(h2, case["weight"], temperature=0.7, kl_coef=0.1, kl_type="k2", **args)
+        loss, *_ = linear_ppo_loss(h2, case["weight"], temperature=0.7, kl_coef=0.1, kl_type="k2", **KW,
+                                   **args)
         loss.backward(retain_graph=True)
         loss.backward()
 
@@ -269,9 +270,9 @@ def test_dispatch_follows_backend(monkeypatch):
     prev = backend.get_backend()
     try:
         backend.set_backend("torch")
-        LP.linear_ppo_loss(case["hidden"], case["weight"], **args)
+        LP.linear_ppo_loss(case["hidden"], case["weight"], kl_type="k3", **KW, **args)
         backend.set_backend("auto")
-        LP.linear_ppo_loss(case["hidden"], case["weight"], **args)
+        LP.linear_ppo_loss(case["hidden"], case["weight"], kl_type="k3", **KW, **args)
     finally:
         backend.set_backend(prev)
     assert calls == ["torch", "triton" if backend.HAS_TRITON else "torch"]
@@ -340,13 +341,13 @@ def test_gpu_memory_budget():
     h = case["hidden"].requires_grad_()
     w = case["weight"].requires_grad_()
     args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
-    loss, *_ = linear_ppo_loss(h, w, kl_coef=1e-3, **args)  # warm-up (compiles)
+    loss, *_ = linear_ppo_loss(h, w, kl_coef=1e-3, kl_type="k3", **KW, **args)  # warm-up (compiles)
     loss.backward()
     h.grad = w.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, *_ = linear_ppo_loss(h, w, kl_coef=1e-3, **args)
+    loss, *_ = linear_ppo_loss(h, w, kl_coef=1e-3, kl_type="k3", **KW, **args)
     loss.backward()
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - base) / 2**30
@@ -367,7 +368,7 @@ def test_scoring_is_bitwise_the_training_logp_and_matches_fp64(dtype, monkeypatc
     targets = torch.randint(0, VV, (N,), generator=g)
     adv, mask = torch.randn(N, generator=g), torch.ones(N, dtype=torch.bool)
     _, _, logp_train, ent_train = linear_ppo_loss(hidden, weight, targets, adv, mask, mask.sum(), temperature=0.7,
-                                                  valid_vocab=VV, with_entropy=True)
+                                                  valid_vocab=VV, with_entropy=True, kl_type="k3", **KW)
     logp, ent = linear_token_logprobs_scoring(hidden, weight, targets, 0.7, with_entropy=True, valid_vocab=VV)
     assert torch.equal(logp, logp_train) and torch.equal(ent, ent_train)
     # against float64 from the same (input-dtype) logits

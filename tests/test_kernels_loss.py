@@ -15,6 +15,8 @@ from kernels.backend import HAS_TRITON, interpreter_on, use_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and (DEVICE == "cuda" or interpreter_on()) else [])
 METRICS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "kl")
+# the kernels take every loss hyperparameter from the caller (no defaults): the tests' unless a test says otherwise
+CLIPS = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0, kl_type="k3")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -29,7 +31,7 @@ def run(logp, old, ref, adv, mask, num_tokens, **kw):
     """loss, metrics (floats) and dlogp of one ppo_loss call on the current backend."""
     logp = logp.detach().clone().to(DEVICE).requires_grad_(True)
     to = (lambda t: None if t is None else t.to(DEVICE))
-    loss, metrics = ppo_loss(logp, to(old), to(ref), to(adv), to(mask), to(num_tokens), **kw)
+    loss, metrics = ppo_loss(logp, to(old), to(ref), to(adv), to(mask), to(num_tokens), **(CLIPS | kw))
     loss.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     return loss.item(), {k: v.item() for k, v in metrics.items()}, logp.grad.cpu()
@@ -291,8 +293,8 @@ def test_argument_checks():
     x = torch.zeros(4)
     m = torch.ones(4, dtype=torch.bool)
     with pytest.raises(ValueError, match="kl_type"):
-        ppo_loss(x, None, None, x, m, torch.tensor(4), kl_type="k4")
+        ppo_loss(x, None, None, x, m, torch.tensor(4), **(CLIPS | dict(kl_type="k4")))
     with pytest.raises(ValueError, match="clip_c"):
-        ppo_loss(x, None, None, x, m, torch.tensor(4), clip_c=1.0)
+        ppo_loss(x, None, None, x, m, torch.tensor(4), **(CLIPS | dict(clip_c=1.0)))
     with pytest.raises(ValueError, match="shape"):
-        ppo_loss(x, torch.zeros(3), None, x, m, torch.tensor(4))
+        ppo_loss(x, torch.zeros(3), None, x, m, torch.tensor(4), **CLIPS)

@@ -116,8 +116,8 @@ def test_continuation_under_the_gpu_schedule_on_cpu(model, monkeypatch, kernels)
     probe = Generator(model, model.config.vocab_size, kernels="torch", **eager).generate(starts, greedy(8))
     stops = frozenset({probe[1].token_ids[2]})  # conversation 1 stops early and lingers up to sync_every steps
     gen = Generator(model, model.config.vocab_size, kernels=kernels, sync_every=4, kv_budget_tokens=3 * 48, **eager)
-    gen._pad_batches = gen._rehearse = True
-    monkeypatch.setattr("memrl.generate._bucket", lambda n, cap: cap)
+    gen.runner.pad_batches = gen.runner.rehearse = True
+    monkeypatch.setattr("memrl.model_runner._bucket", lambda n, cap: cap)
     first = gen.generate(starts, greedy(8, stops), retain=True)
     assert first[1].finish_reason == "stop" and len(first[1].token_ids) == 3
     ids = [s + c.token_ids + [7, 8, 9] for s, c in zip(starts, first)]

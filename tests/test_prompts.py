@@ -10,7 +10,8 @@ from memrl import templates
 from memrl.episodes import Episode
 from memrl.generate import Completion
 from memrl.reward import score
-from memrl.rollout import Sampling, decode_response, reply_start, rollout
+from memrl.config import RolloutCfg
+from memrl.rollout import decode_response, reply_start, rollout
 from memrl.templates import Templates
 from memrl.tokenizer import CHATML_TEMPLATE, Tokenizer, make_byte_tokenizer
 
@@ -110,8 +111,8 @@ EPISODE = Episode("e", "How many coins does Bob have?", ["Bob gets 3.", "Bob get
 
 def run(tok, gen, cap, answer, thinking_budget):
     tpl = Templates(final=templates.REASONED_FINAL_TEMPLATE)
-    return rollout(gen, tok, [EPISODE], "memory", 2, tpl, Sampling(cap, answer, thinking_budget_tokens=thinking_budget),
-                   seed=0)
+    settings = RolloutCfg(memory_cap_tokens=cap, response_max_tokens=answer, thinking_budget_tokens=thinking_budget)
+    return rollout(gen, tok, [EPISODE], "memory", 2, tpl, settings, seed=0)
 
 
 def test_memory_and_answer_are_the_replies_after_reasoning(thinking_tok):

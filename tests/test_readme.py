@@ -69,3 +69,22 @@ def test_every_design_citation_points_to_a_section_of_design_md():
     assert cited, "no citation found: the pattern is wrong"
     missing = {n: files for n, files in cited.items() if n not in sections}
     assert not missing, f"DESIGN.md has no section for {missing}"
+
+
+def test_the_rl_step_walkthrough_names_real_functions():
+    """Every function or class the README's "One RL step, file by file" names exists in train.py or in a file
+    that section names (a renamed or moved function makes the walkthrough false)."""
+    text = readme()
+    body = text[text.index("## One RL step, file by file"):]
+    body = body[:body.index("\n## ", 1)]
+    files = {"train.py"} | set(re.findall(r"`((?:memrl|kernels)/\w+\.py)`", body))
+    sources = {f: (ROOT / f).read_text(encoding="utf-8") for f in files}
+    names = {n for n in re.findall(r"`([A-Za-z_]\w*(?:\.\w+)?)(?:\(\))?`", body) if not n.endswith((".py", ".jsonl"))}
+    assert {"rollout", "episode_score", "policy_loss"} <= names, names  # the pattern still finds them
+    missing = []
+    for name in sorted(names):
+        last = name.rsplit(".", 1)[-1]
+        defined = re.compile(rf"^\s*(?:def|class)\s+{last}\b|^{last}\s*[:=]", re.M)
+        if not any(defined.search(src) for src in sources.values()):
+            missing.append(name)
+    assert not missing, f"the walkthrough names what none of {sorted(files)} defines: {missing}"

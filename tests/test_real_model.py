@@ -31,7 +31,8 @@ from data_tools.rule_shard import rule_shard
 from memrl.episodes import Episode
 from memrl.generate import Generator, SamplingParams
 from memrl.hf_io import load_model
-from memrl.rollout import Sampling, rollout
+from memrl.config import RolloutCfg
+from memrl.rollout import rollout
 from memrl.templates import REASONED_FINAL_TEMPLATE, REASONED_SINGLE_TURN_TEMPLATE, Templates
 from memrl.tokenizer import Tokenizer
 
@@ -132,12 +133,12 @@ def test_stop_ids_end_every_turn(real):
     tok, ours, ref = real["tok"], real["ours"], real["ref"]
     ends = end_of_turn_ids(tok, ref)
     assert ends <= tok.stop_ids, f"stop ids {sorted(tok.stop_ids)} miss end-of-turn ids {sorted(ends - tok.stop_ids)}"
-    sampling = Sampling(memory_cap_tokens=32, response_max_tokens=64, greedy=True)
+    budgets = RolloutCfg(memory_cap_tokens=32, response_max_tokens=64)
     eps = [real["episodes"][3]]  # 2 shards: a memory carried into a second memory turn, then the final turn
-    res = rollout(Generator(ours, vocab_size=tok.vocab_size), tok, eps, "memory", 1, TEMPLATES, sampling)
+    res = rollout(Generator(ours, vocab_size=tok.vocab_size), tok, eps, "memory", 1, TEMPLATES, budgets, greedy=True)
     assert len(res.records) == sum(len(ep.shards) + 1 for ep in eps)
     for rec in res.records:
-        budget = sampling.memory_cap_tokens if rec.kind == "memory" else sampling.response_max_tokens
+        budget = budgets.memory_cap_tokens if rec.kind == "memory" else budgets.response_max_tokens
         body, last = rec.response_ids[:-1], rec.response_ids[-1]
         assert not set(body) & tok.stop_ids, "a turn ran past an end-of-turn token"
         if rec.finish_reason == "stop":

@@ -9,12 +9,14 @@ from memrl import synthetic, templates
 from memrl.episodes import Episode
 from memrl.generate import Generator
 from memrl.hf_io import load_model
-from memrl.rollout import Sampling, concat, decode_response, rollout, with_noise
+from memrl.config import RolloutCfg
+from memrl.rollout import concat, decode_response, rollout
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
 from tests.tiny import make_tiny_checkpoint
 
 CAP, ANSWER = 5, 7  # memory cap and answer budget: a random model runs into both
+BUDGETS = RolloutCfg(memory_cap_tokens=CAP, response_max_tokens=ANSWER)  # the rollout settings the tests use
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_memory_prompts_hold_question_memory_and_shard(policy):
     gen, tok = policy
     eps = episodes_of_mixed_length()
     G = 3
-    res = rollout(gen, tok, eps, "memory", G, Templates(), Sampling(CAP, ANSWER), seed=1, step=0)
+    res = rollout(gen, tok, eps, "memory", G, Templates(), BUDGETS, seed=1, step=0)
     assert [t.trajectory_id for t in res.trajectories] == list(range(len(eps) * G))
     recs = by_traj(res)
     for tr in res.trajectories:
@@ -93,7 +95,7 @@ def test_memory_prompts_hold_question_memory_and_shard(policy):
 def test_all_live_trajectories_of_a_turn_form_one_generate_call(policy):
     gen, tok = policy
     eps = episodes_of_mixed_length()
-    res = rollout(gen, tok, eps, "memory", 2, Templates(), Sampling(CAP, ANSWER), seed=1)
+    res = rollout(gen, tok, eps, "memory", 2, Templates(), BUDGETS, seed=1)
     # turns 0..3: the short episode's final turn (turn 2) shares a call with the others' last memory turn
     assert len(res.generate_stats) == 1 + max(len(e.shards) for e in eps)
     assert res.generate_stats[0]["rows"] == 6 and res.generate_stats[2]["rows"] == 6
@@ -104,7 +106,7 @@ def test_all_live_trajectories_of_a_turn_form_one_generate_call(policy):
 def test_full_history_prompts_hold_all_previous_shards(policy):
     gen, tok = policy
     eps = episodes_of_mixed_length()
-    res = rollout(gen, tok, eps, "full_history", 2, Templates(), Sampling(CAP, ANSWER), seed=2)
+    res = rollout(gen, tok, eps, "full_history", 2, Templates(), BUDGETS, seed=2)
     recs = by_traj(res)
     for tr in res.trajectories:
         ep, turns = tr.episode, recs[tr.trajectory_id]
@@ -113,7 +115,7 @@ def test_full_history_prompts_hold_all_previous_shards(policy):
             assert decoded(tok, rec.prompt_ids) == memory_prompt(ep.question, seen, ep.shards[t])
         assert decoded(tok, turns[-1].prompt_ids) == final_prompt(ep.question, "\n".join(ep.shards))
     # evaluation may skip the notes: the final prompt does not depend on them
-    res2 = rollout(gen, tok, eps, "full_history", 2, Templates(), Sampling(CAP, ANSWER), seed=2,
+    res2 = rollout(gen, tok, eps, "full_history", 2, Templates(), BUDGETS, seed=2,
                    full_history_notes=False)
     assert all(r.kind == "final" for r in res2.records)
     assert [r.prompt_ids for r in res2.records] == [r.prompt_ids for r in res.records if r.kind == "final"]
@@ -123,7 +125,7 @@ def test_single_turn_prompt_holds_the_whole_problem(policy):
     gen, tok = policy
     eps = synthetic.make_episodes(2, "eval")
     eps.append(Episode("p", "How much?", ["A has 2.", "B has 3."], "5", {"problem": "A has 2. B has 3. How much?"}))
-    res = rollout(gen, tok, eps, "single_turn", 2, Templates(), Sampling(CAP, ANSWER), seed=3)
+    res = rollout(gen, tok, eps, "single_turn", 2, Templates(), BUDGETS, seed=3)
     assert len(res.records) == 6 and all(r.kind == "final" and r.turn_index == 0 for r in res.records)
     for rec in res.records:
         ep = eps[rec.group_id]
@@ -133,7 +135,7 @@ def test_single_turn_prompt_holds_the_whole_problem(policy):
 
 
 def test_noise_shards_land_where_the_variant_says(policy):
-    from data_tools.noise import Passage, make_variant, problem_shards
+    from memrl.noise import Passage, make_variant, noisy_episodes, problem_shards
 
     gen, tok = policy
     passages = [Passage(f"Noise passage number {i} about a river.", i + 1) for i in range(40)]
@@ -142,11 +144,11 @@ def test_noise_shards_land_where_the_variant_says(policy):
     mixed = make_variant(ep.to_json(), "mixed", passages, seed=5)
     mixed_ep = Episode(mixed["id"], mixed["question"], mixed["shards"], mixed["answer"], mixed["metadata"])
     # evaluation noise: n = 2 passages after every problem shard
-    noisy_ep = with_noise([ep], passages, n_noise=2, seed=5)[0]
+    noisy_ep = noisy_episodes([ep], passages, "noisy", n_noise=2, seed=5)[0]
     assert noisy_ep.noise_positions == [1, 2, 4, 5, 7, 8]
     for e in (mixed_ep, noisy_ep):
         assert problem_shards(e.to_json()) == ep.shards  # problem shards keep text and order
-        res = rollout(gen, tok, [e], "memory", 1, Templates(), Sampling(CAP, ANSWER), seed=4)
+        res = rollout(gen, tok, [e], "memory", 1, Templates(), BUDGETS, seed=4)
         turns = by_traj(res)[0]
         assert len(turns) == len(e.shards) + 1
         for t, rec in enumerate(turns[:-1]):
@@ -162,7 +164,7 @@ def test_seeds_are_derived_not_drawn(policy):
 
     def run(**kw):
         args = dict(seed=5, step=3) | kw
-        res = rollout(gen, tok, eps, "memory", 3, Templates(), Sampling(CAP, ANSWER), **args)
+        res = rollout(gen, tok, eps, "memory", 3, Templates(), BUDGETS, **args)
         return [r.response_ids for r in res.records]
 
     torch.manual_seed(123)
@@ -171,19 +173,19 @@ def test_seeds_are_derived_not_drawn(policy):
     assert run() == a
     assert run(step=4) != a and run(seed=6) != a
     # the G samples of a problem share turn 0's prompt (one request, n = G) yet sample differently
-    first = [r.response_ids for r in rollout(gen, tok, eps[:1], "memory", 3, Templates(), Sampling(CAP, ANSWER),
+    first = [r.response_ids for r in rollout(gen, tok, eps[:1], "memory", 3, Templates(), BUDGETS,
                                              seed=5, step=3).records if r.turn_index == 0]
     assert len({tuple(x) for x in first}) > 1
     # greedy decoding: every sample identical
-    greedy = rollout(gen, tok, eps[:1], "memory", 3, Templates(), Sampling(CAP, ANSWER, greedy=True), seed=5)
+    greedy = rollout(gen, tok, eps[:1], "memory", 3, Templates(), BUDGETS, greedy=True, seed=5)
     assert len({tuple(t.memories) for t in greedy.trajectories}) == 1
 
 
 def test_concat_and_select_renumber_densely(policy):
     gen, tok = policy
     eps = synthetic.make_episodes(2, "train", seed=11)
-    a = rollout(gen, tok, eps, "memory", 2, Templates(), Sampling(CAP, ANSWER), seed=1)
-    b = rollout(gen, tok, eps[:1], "single_turn", 2, Templates(), Sampling(CAP, ANSWER), seed=1)
+    a = rollout(gen, tok, eps, "memory", 2, Templates(), BUDGETS, seed=1)
+    b = rollout(gen, tok, eps[:1], "single_turn", 2, Templates(), BUDGETS, seed=1)
     both = concat([a, b], keep=[[False, False, True, True], [True, True]])
     assert [t.trajectory_id for t in both.trajectories] == [0, 1, 2, 3]
     assert [t.group_id for t in both.trajectories] == [0, 0, 1, 1]
