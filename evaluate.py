@@ -46,13 +46,13 @@ from memrl.checkpoint import latest_checkpoint
 from memrl.config import RUN_CONFIG_NAME, Config, apply_overrides, load_config, parse_cli
 from memrl.episodes import Episode, load_episodes, validate_record
 from memrl.reward import score
-from memrl.rollout import CONDITIONS, Sampling, decode_response, rollout, with_noise
+from memrl.rollout import CONDITIONS, Sampling, decode_response, derive_seed, rollout, with_noise
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent
 SYNTHETIC_POLICY = REPO / "assets" / "synthetic-policy"  # made by scripts/make_synthetic_policy.py
-SYNTHETIC_EVAL_SIZE = 256  # held-out coin-tally problems (standard error of an accuracy <= 3.1 points)
+SYNTHETIC_EVAL_SIZE = 256  # held-out coin-sum problems (standard error of an accuracy <= 3.1 points)
 
 
 # ----------------------------------------------------------------------------- pieces train.py shares
@@ -103,21 +103,29 @@ def episode_score(text: str, episode: Episode, default_kind: str) -> float:
 @torch.no_grad()
 def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cfg: Config,
                     conditions=("memory",), batch_size: int = 256, window: int | None = None,
-                    trace: list | None = None) -> dict[str, dict]:
+                    trace: list | None = None, samples: int = 0) -> dict[str, dict]:
     """Greedy score per condition: {condition: {"accuracy" (mean score), "n", "memory_tokens", "answer_tokens",
     "truncated_prompts", "episodes": [{"id", "condition", "score", "final_text", "finish_reason", ...}]}}.
 
+    samples > 0: also "sampled_accuracy", the mean score of `samples` trajectories per episode sampled as training
+    samples them (rollout.temperature / top_p / top_k). Its seed is fixed (train.seed and the episode ids), so two
+    evaluations of the same weights agree and a curve over training compares like with like.
+    On the synthetic task the memory condition also reports "facts_kept" (and "sampled_facts_kept"): the share of
+    the asked facts its final memories hold (memrl.synthetic.facts_kept), the graded quantity behind the accuracy;
+    "facts_asked" is that share's denominator for one trajectory per episode.
     window: fit prompts to this context window (FitToWindow); trace: a list to append every turn to (prompt and
     response text, as built, before any cut)."""
     templates = Templates.from_config(cfg.rollout)
-    sampling = Sampling.from_config(cfg.rollout, greedy=True)
+    greedy = Sampling.from_config(cfg.rollout, greedy=True)
     if window is not None:
         generator = FitToWindow(generator, window)
+    synthetic_task = all(ep.metadata.get("source") == synthetic.SOURCE for ep in episodes)
     out = {}
     for condition in conditions:
         records, mem_tokens, ans_tokens, cut_before = [], [], [], getattr(generator, "cut", 0)
+        kept = [0, 0]  # asked facts held by the final memories, asked facts (synthetic task, memory condition)
         for i in range(0, len(episodes), batch_size):
-            res = rollout(generator, tokenizer, episodes[i: i + batch_size], condition, 1, templates, sampling,
+            res = rollout(generator, tokenizer, episodes[i: i + batch_size], condition, 1, templates, greedy,
                           seed=cfg.train.seed, full_history_notes=False)  # notes do not change the answer
             for t in res.trajectories:
                 rec = {"id": t.episode.id, "condition": condition,
@@ -126,6 +134,8 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
                        "reward_kind": t.episode.metadata.get("reward_kind", cfg.data.reward_kind)}
                 if condition == "memory":
                     rec["memory"] = t.memories[-1] if t.memories else templates.initial_memory
+                    if synthetic_task:
+                        kept = [a + b for a, b in zip(kept, synthetic.facts_kept(t.episode, rec["memory"]))]
                 records.append(rec)
             mem_tokens += [len(r.response_ids) for r in res.records if r.kind == "memory"]
             ans_tokens += [len(r.response_ids) for r in res.records if r.kind == "final"]
@@ -137,6 +147,33 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
                           "memory_tokens": sum(mem_tokens) / max(len(mem_tokens), 1),
                           "answer_tokens": sum(ans_tokens) / max(len(ans_tokens), 1),
                           "truncated_prompts": getattr(generator, "cut", 0) - cut_before, "episodes": records}
+        if kept[1]:
+            out[condition].update(facts_kept=kept[0] / kept[1], facts_asked=kept[1])
+        if samples:
+            out[condition].update(sampled_scores(generator, tokenizer, episodes, cfg, condition, samples, batch_size,
+                                                 synthetic_task))
+    return out
+
+
+def sampled_scores(generator, tokenizer: Tokenizer, episodes: list[Episode], cfg: Config, condition: str,
+                   samples: int, batch_size: int, synthetic_task: bool) -> dict:
+    """{"sampled_accuracy", "samples"[, "sampled_facts_kept"]}: `samples` trajectories per episode at the training
+    temperature, seeded from (train.seed, "eval-sampled") and the episode ids only."""
+    templates, sampling = Templates.from_config(cfg.rollout), Sampling.from_config(cfg.rollout)
+    seed = derive_seed(cfg.train.seed, "eval-sampled")
+    scores, kept = [], [0, 0]
+    per_call = max(1, batch_size // samples)
+    for i in range(0, len(episodes), per_call):
+        res = rollout(generator, tokenizer, episodes[i: i + per_call], condition, samples, templates, sampling,
+                      seed=seed, full_history_notes=False)
+        for t in res.trajectories:
+            scores.append(episode_score(t.final_text, t.episode, cfg.data.reward_kind))
+            if synthetic_task and condition == "memory":
+                held = synthetic.facts_kept(t.episode, t.memories[-1] if t.memories else templates.initial_memory)
+                kept = [a + b for a, b in zip(kept, held)]
+    out = {"sampled_accuracy": sum(scores) / len(scores), "samples": samples}
+    if kept[1]:
+        out["sampled_facts_kept"] = kept[0] / kept[1]
     return out
 
 
@@ -219,16 +256,20 @@ def plot_metrics(path: str | Path, out: str | Path | None = None) -> Path:
     rows = read_metrics(path)
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
-    panels = [("train reward (sampled)", ["reward"]), ("held-out accuracy (greedy)", None),
+    panels = [("train reward (sampled)", ["reward"]), ("held-out (dashed: share of facts kept)", None),
               ("KL to reference / PPO KL", ["kl", "ppo_kl"]), ("entropy", ["entropy"]),
               ("response tokens", ["memory_tokens", "answer_tokens"]), ("step time (s)", ["step_s"])]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (title, keys) in zip(axes.flat, panels):
-        if keys is None:  # eval lines: one curve per condition
-            conds = sorted({k.split("/", 1)[1] for r in evals for k in r if k.startswith("accuracy/")})
-            for c in conds:
-                pts = [(r["step"], r[f"accuracy/{c}"]) for r in evals if f"accuracy/{c}" in r]
-                ax.plot(*zip(*pts), marker="o", label=c)
+        if keys is None:  # eval lines: accuracy per condition, greedy and sampled; facts kept (synthetic task)
+            names = sorted({k for r in evals for k in r if "/" in k and k != "eval_s"})
+            for name in names:
+                metric, cond = name.split("/", 1)
+                pts = [(r["step"], r[name]) for r in evals if name in r]
+                label = f"{cond} {'sampled' if metric.startswith('sampled') else 'greedy'}"
+                ax.plot(*zip(*pts), marker="o", ls="--" if "facts_kept" in metric else "-",
+                        color="C1" if metric.startswith("sampled") else "C0",
+                        label=label + (" (facts)" if "facts_kept" in metric else ""))
             ax.set_ylim(-0.02, 1.02)
         else:
             for k in keys:
@@ -429,7 +470,7 @@ def main(argv: list[str]) -> int:
         about["checkpoints"][label] = {"path": str(path), "preset": cfg.preset, "seed": cfg.train.seed,
                                        "rollout": dict(cfg.rollout.__dict__)}
         # without --dataset: data.eval_path, else the synthetic task, named after the file
-        default = Path(cfg.data.eval_path).stem if cfg.data.eval_path else "synthetic:coin-tally/eval"
+        default = Path(cfg.data.eval_path).stem if cfg.data.eval_path else synthetic.SOURCE + "/eval"
         for dataset, data_path, kind in datasets or [(default, "", None)]:
             dcfg = set_value(cfg, "data.reward_kind", kind) if kind else cfg
             key = (data_path or dcfg.data.eval_path, dcfg.data.eval_limit, dcfg.data.eval_noise_shards,

@@ -24,5 +24,10 @@ setup(
         "tqdm",
         "matplotlib",  # training-curve and evaluation plots
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # optional experiment trackers (--train.tracker=...); each is imported only when chosen
+        "tensorboard": ["tensorboard>=2.10"],
+        "wandb": ["wandb>=0.16"],
+        "test": ["pytest>=7", "tensorboard>=2.10"],  # tensorboard: tests/test_trackers.py reads its event files
+    },
 )

@@ -48,8 +48,9 @@ from memrl.hf_io import load_model, resolve_checkpoint
 from memrl.rollout import Sampling, concat, derive_seed, rollout
 from memrl.templates import Templates
 from memrl.tokenizer import Tokenizer
+from memrl.trackers import make_tracker
 
-SYNTHETIC_TRAIN_SIZE = 2048  # distinct coin-tally training problems (of ~3,500); the default run sees a few hundred
+SYNTHETIC_TRAIN_SIZE = 2048  # distinct coin-sum training problems; the default run sees a few hundred
 
 # ----------------------------------------------------------------------------- config
 argv = sys.argv[1:]
@@ -179,31 +180,39 @@ if metrics_path.exists() and dist_info.is_main:  # keep the history up to the re
     metrics_path.write_text("".join(ln + "\n" for ln in kept) if start_step else "")
 
 
+tracker = make_tracker(cfg.train.tracker, run_dir, cfg.to_dict(), cfg.train.tracker_project,
+                       resume=start_step > 0) if dist_info.is_main else None
+
+
 def log(row: dict) -> None:
     if dist_info.is_main:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if tracker is not None:  # the same row, after metrics.jsonl has it (memrl/trackers.py)
+            tracker.log(row)
 
 
 def run_eval(step: int) -> dict:
-    """Greedy held-out accuracy. Every rank evaluates its slice (eval_set[rank::world]) with gathered weights;
-    generation is no collective, so slices may differ in size; correct answers and counts are summed over ranks."""
+    """Held-out accuracy of the trained condition: greedy, and sampled as training samples (rollout.eval_samples
+    per problem, seeded) when asked; on the synthetic task also the share of asked facts the final memories keep.
+    Every rank evaluates its slice (eval_set[rank::world]) with gathered weights; generation is no collective, so
+    slices may differ in size; every rate is summed over ranks as (numerator, denominator)."""
     t0 = time.time()
-    mine = eval_set[rank::world]
+    mine, c, k = eval_set[rank::world], cfg.rollout.condition, cfg.rollout.eval_samples
     policy.eval()
     with gathered_for_rollout(policy, rollout_model):
-        acc = evaluate_policy(generator, tokenizer, mine, cfg, conditions=(cfg.rollout.condition,)) if mine else {}
+        res = evaluate_policy(generator, tokenizer, mine, cfg, conditions=(c,), samples=k)[c] if mine else {}
     policy.train()
-    if world > 1:
-        for c in (cfg.rollout.condition,):
-            a = acc.get(c, {"accuracy": 0.0, "n": 0})
-            total = sum_over_ranks({"correct": a["accuracy"] * a["n"], "n": a["n"]}, device)
-            acc[c] = {"accuracy": total["correct"] / total["n"], "n": int(total["n"])}
+    counts = {"n": res.get("n", 0), "asked": res.get("facts_asked", 0)}
+    over = {"accuracy": "n", "sampled_accuracy": "n", "facts_kept": "asked", "sampled_facts_kept": "asked"}
+    total = sum_over_ranks({**{name: res.get(name, 0.0) * counts[d] for name, d in over.items()}, **counts}, device)
+    rates = {name: total[name] / total[d] for name, d in over.items()
+             if total[d] and (k or not name.startswith("sampled"))}
     eval_s = max_over_ranks({"eval_s": time.time() - t0}, device)["eval_s"]
-    row = {"step": step, "kind": "eval", **{f"accuracy/{c}": a["accuracy"] for c, a in acc.items()},
+    row = {"step": step, "kind": "eval", **{f"{name}/{c}": v for name, v in rates.items()},
            "eval_s": round(eval_s, 3)}
     log(row)
-    say(f"eval @ step {step}: " + ", ".join(f"{c} accuracy {a['accuracy']:.3f} (n={a['n']})" for c, a in acc.items()))
+    say(f"eval @ step {step} ({c}, n={int(total['n'])}): " + ", ".join(f"{name} {v:.3f}" for name, v in rates.items()))
     return row
 
 
@@ -373,5 +382,7 @@ for step in pbar:
                     if k.startswith("accuracy/")})
     pbar.set_postfix(postfix)
 pbar.close()
+if tracker is not None:
+    tracker.close()
 print0(f"done: {max_steps} steps; metrics in {metrics_path}; checkpoints in {run_dir / 'checkpoints'}")
 shutdown()

@@ -58,6 +58,7 @@ class RolloutCfg:
     top_p: float = 1.0  # no truncation, for the same reason
     top_k: int = 0  # 0 = off
     eval_greedy: bool = True  # evaluation decodes greedily: a deterministic accuracy, comparable across runs
+    eval_samples: int = 0  # > 0: evaluation also samples k trajectories per problem as training does (seeded)
     ignore_eos: bool = False  # benchmarks only: every turn runs to its full token budget (random weights never stop)
     initial_memory: str = "No previous memory."  # the fixed memory m_0 shown at the first turn
     memory_template: str = MEMORY_TEMPLATE  # paper Figure 4 (memory turn)
@@ -70,6 +71,7 @@ class RolloutCfg:
         assert self.memory_cap_tokens >= 1 and self.response_max_tokens >= 1, "token budgets must be positive"
         assert self.temperature > 0, "rollout.temperature must be > 0 (use eval_greedy for greedy decoding)"
         assert 0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p in (0, 1], top_k >= 0"
+        assert self.eval_samples >= 0, "rollout.eval_samples must be >= 0"
         for name, keys in (("memory_template", ("{question}", "{memory}", "{segment}")),
                            ("final_template", ("{question}", "{memory}")),
                            ("single_turn_template", ("{question}", "{problem}"))):
@@ -152,6 +154,8 @@ class TrainCfg:
     save_every: int = 50  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted after a successful save)
     log_every: int = 1  # steps between metrics.jsonl lines
+    tracker: str = "none"  # none | tensorboard | wandb: also send each metrics row there (memrl/trackers.py)
+    tracker_project: str = "memrl"  # the W&B project (the key comes from WANDB_API_KEY, never from the config)
     device: str = "auto"  # auto = cuda when available, else cpu
     resume: str = field(default="", metadata={"flag": "latest"})  # "" | latest | a checkpoint dir
 
@@ -161,6 +165,7 @@ class TrainCfg:
         assert self.micro_batch_tokens >= 1, "train.micro_batch_tokens must be >= 1"
         assert self.keep_last >= 1 and self.log_every >= 1, "train.keep_last, log_every must be >= 1"
         assert self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"train.device: {self.device}"
+        assert self.tracker in ("none", "tensorboard", "wandb"), f"train.tracker: {self.tracker!r}"
 
 
 @dataclass
@@ -188,17 +193,21 @@ SECTIONS = ("model", "rollout", "algo", "optim", "data", "train")
 # ----------------------------------------------------------------------------- presets
 
 def _default() -> Config:
-    # The built-in CPU run (issue 5): the shipped 0.6M-parameter policy (assets/synthetic-policy) on the synthetic
-    # coin-tally task (memrl/synthetic.py), about 7 minutes on 2 CPU cores with its evaluations. 20 steps of 16
-    # problems x 8 samples; memory cap 16 tokens (the memory is one "<total>" line); answer budget 12 tokens.
+    # The built-in CPU run (issue 14): the shipped 0.6M-parameter policy (assets/synthetic-policy) on the synthetic
+    # coin-sum task (memrl/synthetic.py). Every value that differs from the paper is listed, with its reason, in the
+    # README's "The default run". Templates: the task's own (shorter than Figure 4; the policy learnt them).
+    from memrl import synthetic
+
     return Config(
         preset="default",
         model=ModelCfg(path="", dtype="float32"),
-        rollout=RolloutCfg(group_size=8, memory_cap_tokens=16, response_max_tokens=12),
+        rollout=RolloutCfg(group_size=8, memory_cap_tokens=24, response_max_tokens=24, eval_samples=4,
+                           memory_template=synthetic.MEMORY_TEMPLATE, final_template=synthetic.FINAL_TEMPLATE,
+                           single_turn_template=synthetic.SINGLE_TURN_TEMPLATE),
         algo=AlgoCfg(kl_coef=0.0),  # no reference model: half the scoring cost on a CPU
         optim=OptimCfg(lr=2e-4, warmup_steps=5, weight_decay=0.0),
         data=DataCfg(reward_kind="gsm8k", max_shards=8, max_shard_tokens=64, eval_limit=128),
-        train=TrainCfg(run_dir="runs/default", batch_size=16, max_steps=20, micro_batch_tokens=512,
+        train=TrainCfg(run_dir="runs/default", batch_size=16, max_steps=20, micro_batch_tokens=2048,
                        eval_every=5, save_every=0),
     )
 
