@@ -48,10 +48,10 @@ class WandbTracker:
         self.wandb = wandb
         # resume="allow" with an id stored beside the metrics: --resume continues the same W&B run
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if resume and id_file.is_file() else wandb.util.generate_id()
-        self.run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-                              config=config)
-        id_file.write_text(run_id + "\n")
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None  # None: W&B picks one
+        self.run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow" if run_id else None,
+                              dir=str(run_dir), config=config)
+        id_file.write_text(self.run.id + "\n")
 
     def log(self, row: dict) -> None:
         # an eval row shares its step with that step's train row: W&B merges the two until a later step arrives

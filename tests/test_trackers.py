@@ -66,3 +66,28 @@ def test_tracker_packages_are_imported_only_when_chosen():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_wandb_offline_run_resumes_and_holds_no_key(tmp_path, monkeypatch):
+    """W&B (when installed) in offline mode: the run gets its id file, --resume reuses that id, and the key that
+    W&B reads from the environment is in none of the files written."""
+    pytest.importorskip("wandb")
+    from memrl.config import preset
+    from memrl.trackers import make_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = preset("default").to_dict()
+    first = make_tracker("wandb", tmp_path, cfg, "memrl-test")
+    first.log({"step": 0, "kind": "eval", "accuracy/memory": 0.25})
+    first.log({"step": 1, "kind": "train", "reward": 0.5, "loss": float("nan")})
+    first.close()
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    again = make_tracker("wandb", tmp_path, cfg, "memrl-test", resume=True)
+    assert again.run.id == run_id
+    again.log({"step": 2, "kind": "train", "reward": 0.75})
+    again.close()
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2 and all(list(r.glob("*.wandb")) for r in runs)
+    assert all(SECRET.encode() not in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
