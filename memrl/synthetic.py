@@ -2,7 +2,8 @@
 
     question  How many coins do Ann and Cy have?                   (shown at every turn, never in a shard)
     shards    Cy has 4.  |  Bob has 7.  |  Ann has 3.  |  Eve has 5.   (one per turn; Bob and Eve are distractors)
-    memory    Cy 4.  ->  Cy 4.  ->  Cy 4, Ann 3.  ->  Cy 4, Ann 3.    (the facts the answer needs, in arrival order)
+    memory    Cy has 4.  ->  Cy has 4.  ->  Cy has 4. Ann has 3.  ->  Cy has 4. Ann has 3.
+              (after each turn: the facts the answer needs, in arrival order, worded as in the shards)
     answer    4+3 = \\boxed{7}
 
 Each shard gives one person's coins (1-9); the question asks for the total of 2-3 of the people, and 1-2 other
@@ -87,8 +88,9 @@ def shard_text(fact: Fact) -> str:
 
 
 def memory_text(facts: list[Fact]) -> str:
-    """"Cy 4, Ann 3." (arrival order), or EMPTY_MEMORY."""
-    return ", ".join(f"{n} {c}" for n, c in facts) + "." if facts else EMPTY_MEMORY
+    """"Cy has 4. Ann has 3." (arrival order, each fact worded as its shard: keeping a fact is copying a span, which
+    a tiny model learns far sooner than rewording it), or EMPTY_MEMORY."""
+    return " ".join(shard_text(f) for f in facts) if facts else EMPTY_MEMORY
 
 
 def answer_text(facts: list[Fact]) -> str:
@@ -100,7 +102,7 @@ def answer_text(facts: list[Fact]) -> str:
 
 _QUESTION = re.compile(r"How many coins do (.+) have\?")
 _SHARD = re.compile(r"([A-Z][a-z]*) has (\d+)\.")
-_MEMORY_FACT = re.compile(r"([A-Z][a-z]*) (\d+)")
+_MEMORY_FACT = re.compile(r"([A-Z][a-z]*) has (\d+)")
 
 
 def parse_episode(ep: Episode) -> tuple[list[str], list[Fact]]:
