@@ -201,7 +201,7 @@ def _default() -> Config:
     return Config(
         preset="default",
         model=ModelCfg(path="", dtype="float32"),
-        rollout=RolloutCfg(group_size=8, memory_cap_tokens=32, response_max_tokens=24, eval_samples=4,
+        rollout=RolloutCfg(group_size=8, memory_cap_tokens=40, response_max_tokens=56, eval_samples=4,
                            memory_template=synthetic.MEMORY_TEMPLATE, final_template=synthetic.FINAL_TEMPLATE,
                            single_turn_template=synthetic.SINGLE_TURN_TEMPLATE),
         algo=AlgoCfg(kl_coef=0.0),  # no reference model: half the scoring cost on a CPU

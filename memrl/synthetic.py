@@ -4,7 +4,7 @@
     shards    Cy has 4.  |  Bob has 7.  |  Ann has 3.  |  Eve has 5.   (one per turn; Bob and Eve are distractors)
     memory    Cy has 4.  ->  Cy has 4.  ->  Cy has 4. Ann has 3.  ->  Cy has 4. Ann has 3.
               (after each turn: the facts the answer needs, in arrival order, worded as in the shards)
-    answer    4+3 = \\boxed{7}
+    answer    Cy has 4. Ann has 3. 4+3 = \\boxed{7}
 
 Each shard gives one person's coins (1-9); the question asks for the total of 2-3 of the people, and 1-2 other
 people appear as distractors. No person appears twice. The facts the answer combines arrive in different shards and
@@ -94,10 +94,14 @@ def memory_text(facts: list[Fact]) -> str:
 
 
 def answer_text(facts: list[Fact]) -> str:
-    """The final turn's demonstration: the terms, then their sum boxed ("4+3 = \\boxed{7}")."""
+    """An answer turn's demonstration: the facts it uses, restated, then their sum boxed
+    ("Cy has 4. Ann has 3. 4+3 = \\boxed{7}"). Restating first turns the single-turn and full-history answers (pick
+    the asked facts out of all of them, then add) into the two skills the memory turns already teach: copy a fact,
+    add digits."""
     if not facts:
         return "\\boxed{0}"
-    return "+".join(str(c) for _, c in facts) + f" = \\boxed{{{sum(c for _, c in facts)}}}"
+    terms = "+".join(str(c) for _, c in facts)
+    return f"{memory_text(facts)} {terms} = \\boxed{{{sum(c for _, c in facts)}}}"
 
 
 _QUESTION = re.compile(r"How many coins do (.+) have\?")

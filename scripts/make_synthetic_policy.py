@@ -11,8 +11,10 @@ What it does (memrl/synthetic.py explains the task and why the demonstrator is f
        memory turns   the forgetful demonstrator: distractors ignored, each old fact re-copied with its person's
                       recall; half of the rows rewrite the demonstrator's own previous memory, half a complete one
                       (so memories of every completeness have been seen when RL starts keeping more facts)
-       final turn     the answer from the memory it is shown (a forgetful or a complete one): exact arithmetic
-       whole problem  the full-history final turn and the single-turn prompt: always the right answer;
+       final turn     the answer from the memory it is shown (a forgetful or a complete one): the asked facts it
+                      holds, restated, then their sum (exact arithmetic)
+       whole problem  the full-history final turn and the single-turn prompt: the same answer from every asked
+                      fact, so always right;
   4. memrl.hf_io.save_model (HF safetensors + config.json + tokenizer files), then a held-out report: greedy
      accuracy per condition, sampled memory accuracy, facts kept, and the best constant answer.
 Deterministic for a given --seed on the same torch build and thread count.
@@ -50,8 +52,8 @@ MODEL_CONFIG = dict(
 )
 
 # How often each row kind enters the warm-up. Memory turns carry the habit being taught and get every row; the
-# answer turns are arithmetic over 2-3 digits, learnt from fewer rows.
-ROW_RATES = {"memory": 1.0, "final": 0.5, "history_final": 0.25, "single_turn": 0.5}
+# answer turns reuse their copying and add 2-3 digits, learnt from fewer rows.
+ROW_RATES = {"memory": 1.0, "final": 0.5, "history_final": 0.25, "single_turn": 0.75}
 
 
 def parse_args(argv=None):
