@@ -4,7 +4,7 @@
     shards    Cy has 4.  |  Bob has 7.  |  Ann has 3.  |  Eve has 5.   (one per turn; Bob and Eve are distractors)
     memory    Cy has 4.  ->  Cy has 4.  ->  Cy has 4. Ann has 3.  ->  Cy has 4. Ann has 3.
               (after each turn: the facts the answer needs, in arrival order, worded as in the shards)
-    answer    Cy has 4. Ann has 3. 4+3 = \\boxed{7}
+    answer    Ann has 3. Cy has 4. 3+4 = \\boxed{7}          (each asked person's fact looked up, then added)
 
 Each shard gives one person's coins (1-9); the question asks for the total of 2-3 of the people, and 1-2 other
 people appear as distractors. No person appears twice. The facts the answer combines arrive in different shards and
@@ -93,15 +93,18 @@ def memory_text(facts: list[Fact]) -> str:
     return " ".join(shard_text(f) for f in facts) if facts else EMPTY_MEMORY
 
 
-def answer_text(facts: list[Fact]) -> str:
-    """An answer turn's demonstration: the facts it uses, restated, then their sum boxed
-    ("Cy has 4. Ann has 3. 4+3 = \\boxed{7}"). Restating first turns the single-turn and full-history answers (pick
-    the asked facts out of all of them, then add) into the two skills the memory turns already teach: copy a fact,
-    add digits."""
-    if not facts:
+def answer_text(asked: list[str], facts: list[Fact]) -> str:
+    """An answer turn's demonstration: for each asked person, in the question's order, their fact looked up in
+    `facts` (the memory, or the whole problem) and restated, then the sum boxed ("Ann has 3. Cy has 4. 3+4 =
+    \\boxed{7}"). A person without a fact is left out, so the answer is right only if every asked fact is there under
+    its person's name: a memory that keeps a number under the wrong name does not score. Looking facts up by name
+    also makes the single-turn and full-history answers (pick the asked facts out of all of them, then add) the two
+    skills the memory turns already teach: find a person's fact and copy it, add digits."""
+    found = [next(f for f in facts if f[0] == name) for name in asked if any(f[0] == name for f in facts)]
+    if not found:
         return "\\boxed{0}"
-    terms = "+".join(str(c) for _, c in facts)
-    return f"{memory_text(facts)} {terms} = \\boxed{{{sum(c for _, c in facts)}}}"
+    terms = "+".join(str(c) for _, c in found)
+    return f"{memory_text(found)} {terms} = \\boxed{{{sum(c for _, c in found)}}}"
 
 
 _QUESTION = re.compile(r"How many coins do (.+) have\?")

@@ -11,8 +11,8 @@ What it does (memrl/synthetic.py explains the task and why the demonstrator is f
        memory turns   the forgetful demonstrator: distractors ignored, each old fact re-copied with its person's
                       recall; half of the rows rewrite the demonstrator's own previous memory, half a complete one
                       (so memories of every completeness have been seen when RL starts keeping more facts)
-       final turn     the answer from the memory it is shown (a forgetful or a complete one): the asked facts it
-                      holds, restated, then their sum (exact arithmetic)
+       final turn     the answer from the memory it is shown (a forgetful or a complete one): each asked
+                      person's fact looked up in it and restated, then their sum (exact arithmetic)
        whole problem  the full-history final turn and the single-turn prompt: the same answer from every asked
                       fact, so always right;
   4. memrl.hf_io.save_model (HF safetensors + config.json + tokenizer files), then a held-out report: greedy
@@ -83,8 +83,8 @@ def demonstration_rows(ep, tpl: Templates, rng: random.Random) -> list[tuple[str
         shown = new if own_chain else perfect[t]
     final_memory = shown if rng.random() < 0.5 else perfect[-1]
     rows.append(("final", tpl.final_turn(ep.question, synthetic.memory_text(final_memory)),
-                 synthetic.answer_text(final_memory)))
-    correct = synthetic.answer_text(perfect[-1])
+                 synthetic.answer_text(asked, final_memory)))
+    correct = synthetic.answer_text(asked, facts)
     rows.append(("history_final", tpl.final_turn(ep.question, tpl.history(ep.shards)), correct))
     rows.append(("single_turn", tpl.single_turn_prompt(ep.question, problem_text(ep)), correct))
     return [r for r in rows if rng.random() < ROW_RATES[r[0]]]

@@ -233,7 +233,9 @@ def test_synthetic_task_splits_answers_and_demonstrator():
         assert 2 <= len(asked) <= 3 and 1 <= len(ep.shards) - len(asked) <= 2
         assert int(ep.answer) == sum(coins[a] for a in asked)
         full = synthetic.perfect_memories(ep)[-1]
-        assert score(synthetic.answer_text(full), ep.answer, "gsm8k") == 1.0  # the demonstrated answer is right
+        assert score(synthetic.answer_text(asked, full), ep.answer, "gsm8k") == 1.0  # the demonstration is right
+        renamed = [(asked[0], c) for _, c in full]  # every number kept, under one asked person's name
+        assert score(synthetic.answer_text(asked, renamed), ep.answer, "gsm8k") == 0.0
         assert synthetic.facts_kept(ep, synthetic.memory_text(full)) == (len(asked), len(asked))
         assert synthetic.facts_kept(ep, synthetic.memory_text(full[1:]))[0] == len(asked) - 1
     # the forgetful demonstrator re-copies a held fact with its person's recall: counted here from its memories
