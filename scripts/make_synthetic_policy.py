@@ -17,7 +17,8 @@ What it does (memrl/synthetic.py explains the task and why the demonstrator is f
                       fact, so always right;
   4. memrl.hf_io.save_model (HF safetensors + config.json + tokenizer files), then a held-out report: greedy
      accuracy per condition, sampled memory accuracy, facts kept, and the best constant answer.
-Deterministic for a given --seed on the same torch build and thread count.
+Deterministic for a given --seed on the same torch build, device and thread count (--device=cuda: minutes on a GPU
+instead of about an hour on a 2-core CPU; the same recipe, other bits).
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1: robust to a busy machine (OpenMP threads spin)")
+    p.add_argument("--device", default="cpu", help="cpu (~1 h on a 2-core machine) or cuda (minutes; other bits)")
     p.add_argument("--eval_problems", type=int, default=256)
     p.add_argument("--save_every", type=int, default=0, help="also save OUT-step_N every N steps (0 = only at the end)")
     return p.parse_args(argv)
@@ -120,7 +122,8 @@ def main(argv=None):
                 p.normal_(0.0, std)
             elif name.endswith(".bias"):
                 p.zero_()
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {args.steps} steps")
+    model.to(args.device)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {args.steps} steps on {args.device}")
 
     tpl = Templates.from_config(preset("default").rollout)  # the prompts train.py's default run builds
     train = synthetic.make_episodes(args.steps * args.episodes_per_step, "train", seed=args.seed, distinct=False)
@@ -132,7 +135,7 @@ def main(argv=None):
     for step in range(args.steps):
         eps = train[step * args.episodes_per_step: (step + 1) * args.episodes_per_step]
         rows = [r for ep in eps for r in demonstration_rows(ep, tpl, rng)]
-        ids, loss_mask = make_batch(rows, tok, eos)
+        ids, loss_mask = (t.to(args.device) for t in make_batch(rows, tok, eos))
         hidden = model(ids, return_hidden=True)  # (B, T, H); right padding needs no mask under causal attention
         logits = F.linear(hidden[:, :-1][loss_mask[:, :-1]], model.output_weight())  # (N, V) target rows only
         targets = ids[:, 1:][loss_mask[:, :-1]]
@@ -158,10 +161,10 @@ def main(argv=None):
     out = save_model(model, args.out, tokenizer_dir=tok_dir)
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB) in {time.time() - t0:.0f}s")
     if args.eval_problems:
-        report(out, args.eval_problems)
+        report(out, args.eval_problems, device=args.device)
 
 
-def report(policy_dir: Path, n: int, samples: int = 4):
+def report(policy_dir: Path, n: int, samples: int = 4, device: str = "cpu"):
     """Held-out accuracy per condition with the default preset's rollout settings (what train.py uses): greedy for
     all three, sampled (T = 1) for memory, the facts the final memories keep, and the best constant answer."""
     from evaluate import evaluate_policy, lic_drop, markdown_table
@@ -170,7 +173,7 @@ def report(policy_dir: Path, n: int, samples: int = 4):
     from memrl.rollout import CONDITIONS
 
     tok = Tokenizer.from_pretrained(policy_dir)
-    generator = Generator(load_model(policy_dir, dtype=torch.float32), tok.vocab_size)
+    generator = Generator(load_model(policy_dir, dtype=torch.float32).to(device), tok.vocab_size)
     episodes = synthetic.make_episodes(n, "eval", seed=synthetic.EVAL_SEED)
     cfg = preset("default")
     acc = evaluate_policy(generator, tok, episodes, cfg, CONDITIONS)
