@@ -66,8 +66,7 @@ from memrl.episodes import REWARD_KINDS, Episode, is_raw_documents, load_episode
 from memrl.errors import ConfigError, DataError, install_error_handler
 from memrl.evaluation import eval_episodes, evaluate_policy, lic_drop
 from memrl.paths import REPO, SYNTHETIC_POLICY, resolve_policy, writable_output
-from memrl.report import markdown_table, plot_bars, plot_metrics, suite_table  # noqa: F401
-# (markdown_table: scripts/make_synthetic_policy.py still imports it from here; it may import memrl.report)
+from memrl.report import plot_bars, plot_metrics, suite_table
 from memrl.tokenizer import Tokenizer
 
 HELP = __doc__ + f"""
@@ -83,7 +82,8 @@ Options:
   --bar=FILE.png              bar plot comparing the checkpoints, a panel per dataset
   --trace=FILE.jsonl          every turn's prompt and response (large; for inspection)
   --batch_size=N              episodes per rollout batch (default 256)
-  --plot METRICS.jsonl        plot training curves to METRICS.png (--plot_out=FILE.png to choose)
+  --plot METRICS.jsonl        plot training curves to METRICS.png (--plot_out=FILE.png to choose); several runs
+                              (seeds) overlaid: --plot A/metrics.jsonl,B/metrics.jsonl
   --preset=NAME / --section.key=value   memrl.config overrides (data.eval_limit, data.reward_kind,
                               rollout.*, ...)
 """
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError("--plot: needs the metrics.jsonl to plot (--plot PATH)")
         path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
         out = next((a.split("=", 1)[1] for a in argv if a.startswith("--plot_out=")), None)
-        print(f"wrote {plot_metrics(path, out)}")
+        print(f"wrote {plot_metrics(path.split(','), out)}")  # several runs (seeds): comma-separated
         return 0
 
     own, rest = parse_args(argv)

@@ -27,7 +27,11 @@ setup(
     extras_require={
         # scripts/gguf_to_hf.py: transformers reads GGUF files (the real models of ../shared/REAL_MODEL.md) with these
         "gguf": ["gguf>=0.10", "accelerate"],
-        # the tests convert SmolLM2's GGUF for the real-model tier (tests/test_real_model.py), hence gguf's needs too
-        "test": ["pytest>=7", "gguf>=0.10", "accelerate"],
+        # optional experiment trackers (--train.tracker=...); each is imported only when chosen
+        "tensorboard": ["tensorboard>=2.10"],
+        "wandb": ["wandb>=0.16"],
+        # the tests convert SmolLM2's GGUF for the real-model tier (tests/test_real_model.py), hence gguf's needs;
+        # tensorboard: tests/test_trackers.py reads its event files
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate", "tensorboard>=2.10"],
     },
 )

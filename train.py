@@ -193,7 +193,7 @@ if cfg.data.noise_variant != "sharded":  # paper §3.1 training variants, placed
                                cfg.data.noise_variant, seed=cfg.train.seed)
 eval_set = [] if cfg.data.eval_path == NO_EVAL else eval_episodes(
     cfg, tokenizer, chunk_documents=chunk_raw_documents)  # a raw LongBench file: chunked here
-eval_name = cfg.data.eval_path or "synthetic:coin-tally/eval"
+eval_name = cfg.data.eval_path or f"{synthetic.SOURCE}/eval"
 steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
 max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 print0(f"data: {len(train_set)} training problems, {len(eval_set)} held-out; {max_steps} steps of "

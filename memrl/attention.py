@@ -35,10 +35,11 @@ ATTENTION_BACKENDS = ("auto", "triton", "flash", "flex", "padded", "dense")
 # The packed backend "auto" picks on CUDA for bf16/fp16. PROVISIONAL: set it from benchmarks/bench_attention.py
 # (fwd + bwd at 16k-token micro-batches of real turn lengths on the H200) to the fastest exact candidate.
 CUDA_DEFAULT = "flash"
-# CPU "auto": up to this many packed tokens, one masked SDPA call (T^2 scores: 4M per head at 2,048, a few ms on a
-# CPU core for the tiny CPU models) instead of a per-sequence loop of Python-dispatched calls; above, padded, whose
-# work is bounded by 2x the real tokens' (or a loop). Not measured: CPU timings here are shared-machine noise.
-CPU_DENSE_MAX_TOKENS = 2048
+# CPU "auto": up to this many packed tokens, one masked SDPA call (T^2 scores) instead of padded, whose work is
+# bounded by 2x the real tokens' (or a per-sequence loop). Measured on the 2-core CI machine, 2026-11-30, the
+# default run's update (0.6M model, ~82k tokens in 2,048-token micro-batches of ~30 turns): dense 27-32 s,
+# padded 13-14 s per RL step. Dense pays off only for a few short sequences (the tests' tiny batches).
+CPU_DENSE_MAX_TOKENS = 256
 
 
 @dataclass(eq=False)

@@ -87,7 +87,7 @@ def evaluate_policy(generator, tokenizer: Tokenizer, episodes: list[Episode], cf
     bar = tqdm(total=len(episodes) * len(conditions), desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True,
                disable=not progress, leave=False)
     generator = TurnTicker(FitToWindow(generator, window) if window is not None else generator, bar)
-    synthetic_task = hasattr(synthetic, "facts_kept") and all(ep.metadata.get("source") == synthetic.SOURCE
+    synthetic_task = all(ep.metadata.get("source") == synthetic.SOURCE
                                                               for ep in episodes)
     out = {}
     for condition in conditions:

@@ -17,44 +17,51 @@ from memrl.config import CONDITIONS
 from memrl.run_dir import read_metrics
 
 
-def plot_metrics(path: str | Path, out: str | Path | None = None) -> Path:
-    """Training curves of a run's metrics.jsonl: reward, held-out accuracy, KL, entropy, lengths, step time."""
+def plot_metrics(paths: str | Path | list, out: str | Path | None = None) -> Path:
+    """Training curves of one or several runs' metrics.jsonl (seeds of one setting, overlaid: one colour per run):
+    reward, held-out accuracy (greedy solid, sampled dashed, facts kept dotted), KL, entropy, lengths, step time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(path)[0]  # a torn last line (a run being written, or killed) left out
-    train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    panels = [("train reward (sampled)", ["reward"]), ("held-out (dashed: share of facts kept)", None),
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    many = len(paths) > 1
+    panels = [("train reward (sampled)", ["reward"]), ("held-out (dashed: sampled, dotted: facts kept)", None),
               ("KL to reference / PPO KL", ["kl", "ppo_kl"]), ("entropy", ["entropy"]),
               ("response tokens", ["memory_tokens", "answer_tokens"]), ("step time (s)", ["step_s"])]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        if keys is None:  # eval lines: accuracy per condition, greedy and sampled; facts kept (synthetic task)
-            names = sorted({k for r in evals for k in r if "/" in k and k != "eval_s"})
-            for name in names:
-                metric, cond = name.split("/", 1)
-                pts = [(r["step"], r[name]) for r in evals if name in r]
-                label = f"{cond} {'sampled' if metric.startswith('sampled') else 'greedy'}"
-                ax.plot(*zip(*pts), marker="o", ls="--" if "facts_kept" in metric else "-",
-                        color="C1" if metric.startswith("sampled") else "C0",
-                        label=label + (" (facts)" if "facts_kept" in metric else ""))
-            ax.set_ylim(-0.02, 1.02)
-        else:
-            for k in keys:
-                pts = [(r["step"], r[k]) for r in train if r.get(k) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), label=k)
+    for i, path in enumerate(paths):
+        rows = read_metrics(path)[0]  # a torn last line (a run being written, or killed) left out
+        train = [r for r in rows if r.get("kind") == "train"]
+        evals = [r for r in rows if r.get("kind") == "eval"]
+        run = Path(path).parent.name + ": " if many else ""
+        for ax, (title, keys) in zip(axes.flat, panels):
+            if keys is None:  # eval lines: accuracy per condition, greedy and sampled; facts kept (synthetic task)
+                for name in sorted({k for r in evals for k in r if "/" in k and k != "eval_s"}):
+                    metric, cond = name.split("/", 1)
+                    pts = [(r["step"], r[name]) for r in evals if name in r]
+                    kind = "sampled" if metric.startswith("sampled") else "greedy"
+                    style = ":" if "facts_kept" in metric else "--" if kind == "sampled" else "-"
+                    color = f"C{i}" if many else ("C1" if kind == "sampled" else "C0")
+                    ax.plot(*zip(*pts), marker="o", ms=3, ls=style, color=color,
+                            label=f"{run}{cond} {kind}" + (" (facts)" if "facts_kept" in metric else ""))
+                ax.set_ylim(-0.02, 1.02)
+            else:
+                for j, k in enumerate(keys):
+                    pts = [(r["step"], r[k]) for r in train if r.get(k) is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), label=run + k, color=f"C{i}" if many else f"C{j}",
+                                ls=("-", "--")[j % 2] if many else "-")
+    for ax, (title, _) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7 if many else 8)
         ax.grid(alpha=0.3)
-    fig.suptitle(str(path), fontsize=9)
+    fig.suptitle(", ".join(str(p) for p in paths), fontsize=9)
     fig.tight_layout()
-    out = Path(out) if out else Path(path).with_suffix(".png")
+    out = Path(out) if out else Path(paths[0]).with_suffix(".png")
     save_figure(fig, out)
     plt.close(fig)
     return out

@@ -1,17 +1,26 @@
-"""Make the built-in starting policy: a tiny Qwen2-shaped model, supervised-pretrained on the coin-tally task.
+"""Make the built-in starting policy: a tiny Qwen2-shaped model, warmed up (supervised) on the coin-sum task.
 
-    python scripts/make_synthetic_policy.py                     # writes assets/synthetic-policy/ (~2.5 MB, ~15 min)
+    python scripts/make_synthetic_policy.py --device=cuda       # writes assets/synthetic-policy/ (~2.5 MB), ~6 min
+    python scripts/make_synthetic_policy.py                     # the same on the CPU: hours (~1.3 s per step here)
     python scripts/make_synthetic_policy.py --out=some/dir --steps=200
 
-What it does (memrl/synthetic.py explains the task and why the demonstrations mix two habits):
+What it does (memrl/synthetic.py explains the task and why the demonstrator is forgetful):
   1. the repo's byte tokenizer (256 bytes + ChatML specials), with its chat template;
   2. a random Qwen2-architecture Transformer (memrl.model; ~0.6M parameters, tied embeddings, GQA);
-  3. teacher-forced next-token training on demonstrations of every turn kind the rollout produces:
-     memory turns and the final turn (habit "add" with probability add_fraction, else "overwrite"),
-     full-history turns and the single-turn prompt (always the right total);
-     the prompts are built by memrl.templates exactly as memrl.rollout builds them;
-  4. memrl.hf_io.save_model (HF safetensors + config.json + tokenizer files), then a held-out greedy check.
-Deterministic for a given --seed on the same torch build and thread count.
+  3. teacher-forced next-token training on demonstrations of every turn kind the rollout produces, built with
+     the default preset's templates exactly as memrl.rollout builds them:
+       memory turns   the forgetful demonstrator: distractors ignored, each old fact re-copied with its person's
+                      recall; half of the rows rewrite the demonstrator's own previous memory, half a complete one
+                      (so memories of every completeness have been seen when RL starts keeping more facts)
+       final turn     the answer from the memory it is shown (a forgetful or a complete one): each asked
+                      person's fact looked up in it and restated, then their sum (exact arithmetic)
+       whole problem  the full-history final turn and the single-turn prompt: the same answer from every asked
+                      fact, so always right;
+  4. memrl.hf_io.save_model (HF safetensors + config.json + tokenizer files), then a held-out report: greedy
+     accuracy per condition, sampled memory accuracy, facts kept, and the best constant answer.
+Deterministic for a given --seed on the same torch build, device and thread count. The shipped policy was made with
+`--device=cuda` (10,000 steps, 5.5 minutes on an H200, 2026-11-30); on a 2-core CPU a step takes ~1-3 s, so the
+same recipe takes hours there (other bits, the same kind of policy).
 """
 from __future__ import annotations
 
@@ -29,8 +38,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from memrl import synthetic  # noqa: E402
+from memrl.config import preset  # noqa: E402
 from memrl.hf_io import save_model  # noqa: E402
 from memrl.model import ModelConfig, Transformer  # noqa: E402
+from memrl.rollout import problem_text  # noqa: E402
 from memrl.templates import Templates  # noqa: E402
 from memrl.tokenizer import Tokenizer, make_byte_tokenizer  # noqa: E402
 
@@ -43,53 +54,44 @@ MODEL_CONFIG = dict(
     eos_token_id=258, pad_token_id=256,
 )
 
+# How often each row kind enters the warm-up. Memory turns carry the habit being taught and get every row; the
+# answer turns reuse their copying and add 2-3 digits, learnt from fewer rows.
+ROW_RATES = {"memory": 1.0, "final": 0.5, "history_final": 0.25, "single_turn": 0.75}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "synthetic-policy"))
-    p.add_argument("--steps", type=int, default=6000, help="optimizer steps")
-    p.add_argument("--episodes_per_step", type=int, default=16, help="each gives ~4 demonstration rows")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps")
+    p.add_argument("--episodes_per_step", type=int, default=16, help="each gives ~5 demonstration rows")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1: robust to a busy machine (OpenMP threads spin)")
+    p.add_argument("--device", default="cpu", help="cpu (~1 h on a 2-core machine) or cuda (minutes; other bits)")
     p.add_argument("--eval_problems", type=int, default=256)
     p.add_argument("--save_every", type=int, default=0, help="also save OUT-step_N every N steps (0 = only at the end)")
     return p.parse_args(argv)
 
 
-# How often each row kind enters pretraining. Copying the memory into \boxed{} is learnt in a few hundred steps; the
-# memory update (compare names, add) is the hard part and gets every row; the whole-problem rows (full-history final
-# turn, single-turn) give the other two evaluation conditions a competent start.
-ROW_RATES = {"memory": 1.0, "final": 0.25, "history_final": 0.5, "single_turn": 0.5}
-
-
-def demonstration_rows(ep, habit: str, tpl: Templates, rng: random.Random) -> list[tuple[str, str, str]]:
-    """(kind, prompt text, target text) for the turns of one demonstrated episode (memory turns, final turn) plus a
-    full-history final turn and a single-turn prompt, which always carry the right answer; kinds kept at ROW_RATES."""
-    memories, answer = synthetic.demonstration(ep, habit)
-    rows, memory = [], tpl.initial_memory
-    for t, (shard, new_memory) in enumerate(zip(ep.shards, memories)):  # memory: (q, m_{t-1}, s_t) -> m_t
-        rows.append(("memory0" if t == 0 else "memory", tpl.memory_turn(ep.question, memory, shard), new_memory))
-        memory = new_memory
-    rows.append(("final", tpl.final_turn(ep.question, memory), answer))
-    correct = f"\\boxed{{{ep.answer}}}"
+def demonstration_rows(ep, tpl: Templates, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(kind, prompt text, target text) for one episode's turns, each kind kept at its ROW_RATES."""
+    asked, facts = synthetic.parse_episode(ep)
+    perfect = synthetic.perfect_memories(ep)
+    own_chain = rng.random() < 0.5  # rewrite the demonstrator's own memories, or complete ones
+    rows, shown = [], None  # shown: the facts of the memory in the prompt (None = m_0)
+    for t, shard in enumerate(ep.shards):
+        held = [f for f in (shown or []) if rng.random() < synthetic.CoinSum().recall_of(f[0])]
+        new = held + [facts[t]] if facts[t][0] in asked else held
+        prompt_memory = tpl.initial_memory if shown is None else synthetic.memory_text(shown)
+        rows.append(("memory", tpl.memory_turn(ep.question, prompt_memory, shard), synthetic.memory_text(new)))
+        shown = new if own_chain else perfect[t]
+    final_memory = shown if rng.random() < 0.5 else perfect[-1]
+    rows.append(("final", tpl.final_turn(ep.question, synthetic.memory_text(final_memory)),
+                 synthetic.answer_text(asked, final_memory)))
+    correct = synthetic.answer_text(asked, facts)
     rows.append(("history_final", tpl.final_turn(ep.question, tpl.history(ep.shards)), correct))
-    rows.append(("single_turn", tpl.single_turn_prompt(ep.question, " ".join(ep.shards)), correct))
-    return [r for r in rows if rng.random() < ROW_RATES.get(r[0], 1.0)]
-
-
-@torch.no_grad()
-def habit_probability(model, tok: Tokenizer, tpl: Templates, eps) -> float:
-    """Mean probability of the "add" habit at the first memory turn: P("h" | "... Bob ") over "h" (has) + "g" (got)."""
-    h_id, g_id = tok.encode("h")[0], tok.encode("g")[0]
-    probs = []
-    for ep in eps:
-        target = ep.question.split(" ")[4]  # "How many coins does NAME have?"
-        ids = tok.encode_prompt(tpl.memory_turn(ep.question, tpl.initial_memory, ep.shards[0])) + tok.encode(
-            target + " ")
-        p = model(torch.tensor([ids]))[0, -1].float().softmax(-1)
-        probs.append(float(p[h_id] / (p[h_id] + p[g_id])))
-    return sum(probs) / len(probs)
+    rows.append(("single_turn", tpl.single_turn_prompt(ep.question, problem_text(ep)), correct))
+    return [r for r in rows if rng.random() < ROW_RATES[r[0]]]
 
 
 def make_batch(rows, tok: Tokenizer, eos: int):
@@ -122,12 +124,11 @@ def main(argv=None):
                 p.normal_(0.0, std)
             elif name.endswith(".bias"):
                 p.zero_()
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {args.steps} steps")
+    model.to(args.device)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {args.steps} steps on {args.device}")
 
-    task = synthetic.CoinTally()
-    tpl = Templates()
-    train = synthetic.make_episodes(args.steps * args.episodes_per_step, "train", seed=args.seed, task=task,
-                                    distinct=False)
+    tpl = Templates.from_config(preset("default").rollout)  # the prompts train.py's default run builds
+    train = synthetic.make_episodes(args.steps * args.episodes_per_step, "train", seed=args.seed, distinct=False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
@@ -135,9 +136,8 @@ def main(argv=None):
     t0 = time.time()
     for step in range(args.steps):
         eps = train[step * args.episodes_per_step: (step + 1) * args.episodes_per_step]
-        rows = [r for ep in eps
-                for r in demonstration_rows(ep, "add" if rng.random() < task.add_fraction else "overwrite", tpl, rng)]
-        ids, loss_mask = make_batch(rows, tok, eos)
+        rows = [r for ep in eps for r in demonstration_rows(ep, tpl, rng)]
+        ids, loss_mask = (t.to(args.device) for t in make_batch(rows, tok, eos))
         hidden = model(ids, return_hidden=True)  # (B, T, H); right padding needs no mask under causal attention
         logits = F.linear(hidden[:, :-1][loss_mask[:, :-1]], model.output_weight())  # (N, V) target rows only
         targets = ids[:, 1:][loss_mask[:, :-1]]
@@ -147,40 +147,45 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            # teacher-forced exact match per row kind (memory0 is a habit coin flip by design: ~add_fraction
-            # of its rows say "has"; "p(has)" is the mean probability the model gives that habit there)
+        if step % 100 == 0 or step == args.steps - 1:
+            # teacher-forced exact match per row kind (memory rows cannot reach 1: the demonstrator's forgetting
+            # is random; the answer rows can)
             hit = (logits.argmax(-1) == targets).split(loss_mask[:, :-1].sum(1).tolist())
             by_kind: dict[str, list[float]] = {}
             for (kind, _, _), h in zip(rows, hit):
                 by_kind.setdefault(kind, []).append(float(h.all()))
             em = "  ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(by_kind.items()))
             print(f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  exact {em}  "
-                  f"p(has) {habit_probability(model, tok, tpl, eps):.2f}  {time.time() - t0:.0f}s", flush=True)
-
+                  f"{time.time() - t0:.0f}s", flush=True)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_model(model, f"{args.out}-step_{step + 1}", tokenizer_dir=tok_dir)
 
     out = save_model(model, args.out, tokenizer_dir=tok_dir)
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB) in {time.time() - t0:.0f}s")
     if args.eval_problems:
-        report(out, args.eval_problems)
+        report(out, args.eval_problems, device=args.device)
 
 
-def report(policy_dir: Path, n: int):
-    """Held-out greedy accuracy per condition, with the default preset's rollout settings (what train.py uses)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from evaluate import evaluate_policy, markdown_table, lic_drop
-    from memrl.config import preset
+def report(policy_dir: Path, n: int, samples: int = 4, device: str = "cpu"):
+    """Held-out accuracy per condition with the default preset's rollout settings (what train.py uses): greedy for
+    all three, sampled (T = 1) for memory, the facts the final memories keep, and the best constant answer."""
+    from memrl.config import EVAL_CONDITIONS as CONDITIONS
+    from memrl.evaluation import evaluate_policy, lic_drop
     from memrl.generate import Generator
     from memrl.hf_io import load_model
-    from memrl.rollout import CONDITIONS
+    from memrl.report import markdown_table
 
     tok = Tokenizer.from_pretrained(policy_dir)
-    generator = Generator(load_model(policy_dir, dtype=torch.float32), tok.vocab_size)
+    generator = Generator(load_model(policy_dir, dtype=torch.float32).to(device), tok.vocab_size)
     episodes = synthetic.make_episodes(n, "eval", seed=synthetic.EVAL_SEED)
-    acc = evaluate_policy(generator, tok, episodes, preset("default"), CONDITIONS)
+    cfg = preset("default")
+    acc = evaluate_policy(generator, tok, episodes, cfg, CONDITIONS)
     print(markdown_table({str(policy_dir): {"conditions": acc, "lic_drop": lic_drop(acc)}}))
+    mem = evaluate_policy(generator, tok, episodes, cfg, ("memory",), samples=samples)["memory"]
+    print(f"memory condition: greedy {mem['accuracy']:.3f} (facts kept {mem['facts_kept']:.3f}), sampled x{samples} "
+          f"{mem['sampled_accuracy']:.3f} (facts kept {mem['sampled_facts_kept']:.3f})")
+    answer, acc_const = synthetic.best_constant_accuracy(episodes)
+    print(f"best constant answer: {answer} scores {acc_const:.3f} on these {n} problems")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,21 @@ def test_paper_presets_hold_the_papers_numbers():
 
 
 def test_templates_are_figure_4():
-    r = preset("default").rollout
+    r = Config().rollout  # the dataclass defaults: Figure 4 (the paper presets add the reasoning request, test_prompts)
     assert r.memory_template.format(question="Q", memory="M", segment="S") == (
         "<question> Q </question>\n<memory> M </memory>\n<segment> S </segment>\nUpdated memory:")
     assert r.final_template.format(question="Q", memory="M") == (
         "<question> Q </question>\n<memory> M </memory>\nYour final answer:")
+
+
+def test_default_preset_uses_its_tasks_templates():
+    from memrl import synthetic
+
+    r = preset("default").rollout  # the shipped policy learnt the synthetic task's own (shorter) prompts
+    assert (r.memory_template, r.final_template, r.single_turn_template) == (
+        synthetic.MEMORY_TEMPLATE, synthetic.FINAL_TEMPLATE, synthetic.SINGLE_TURN_TEMPLATE)
+    assert r.memory_template.format(question="Q", memory="M", segment="S") == (
+        "Q\nMemory: M\nNew: S\nUpdated memory:")
 
 
 def test_overrides_dotted_flat_and_flags():

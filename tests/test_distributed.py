@@ -43,10 +43,10 @@ def free_port() -> int:
 
 
 def episodes_file(out: Path) -> Path:
-    """8 coin-tally problems; each step's first two (rank 0's slice) have 4 shards, the last two (rank 1's) 1."""
+    """8 coin-sum problems; each step's first two (rank 0's slice) have 4 shards, the last two (rank 1's) 1."""
     from memrl import synthetic
 
-    pool = synthetic.make_episodes(64, "train", seed=5, task=synthetic.CoinTally(num_shards=(1, 4)))
+    pool = synthetic.make_episodes(64, "train", seed=5, task=synthetic.CoinSum(num_asked=(1, 3), num_distractors=(0, 1)))
     long, short = [e for e in pool if len(e.shards) == 4], [e for e in pool if len(e.shards) == 1]
     eps = long[:2] + short[:2] + long[2:4] + short[2:4]
     out.write_text("".join(json.dumps(e.to_json()) + "\n" for e in eps))

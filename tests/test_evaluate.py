@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memrl.config import preset
+from memrl.config import Config
 from memrl.episodes import Episode, write_episodes
 from memrl.errors import CheckpointError
 from memrl.evaluation import evaluate_policy, lic_drop
@@ -50,10 +50,14 @@ def test_accuracy_and_lic_drop_against_a_scripted_policy(tmp_path):
     tok = Tokenizer.from_pretrained(make_byte_tokenizer(tmp_path / "tok"))
     eps = [Episode(f"e{i}", f"Question {i}?", ["a.", "b."], str(i)) for i in range(4)]
     answers = {f"Question {i}?": f"\\boxed{{{i if i < 3 else 99}}}" for i in range(4)}  # 3 of 4 right
-    acc = evaluate_policy(ScriptedGenerator(tok, answers), tok, eps, preset("default"), CONDITIONS,
-                                   batch_size=3)
+    acc = evaluate_policy(ScriptedGenerator(tok, answers), tok, eps, Config(), CONDITIONS,
+                          batch_size=3)
     for c in CONDITIONS:
         assert acc[c]["accuracy"] == 0.75 and acc[c]["n"] == 4
+    # sampled evaluation: k trajectories per episode; the scripted policy answers the same whatever the seed
+    sampled = evaluate_policy(ScriptedGenerator(tok, answers), tok, eps, Config(), ("memory",),
+                              batch_size=3, samples=3)["memory"]
+    assert sampled["sampled_accuracy"] == 0.75 and sampled["samples"] == 3 and "facts_kept" not in sampled
     acc["memory"]["accuracy"] = 0.25
     assert lic_drop(acc) == {"full_history": 0.0, "conversation": 0.0, "memory": 0.5}
     table = markdown_table({"ckpt": {"conditions": acc, "lic_drop": lic_drop(acc)}})

@@ -18,7 +18,7 @@ from memrl.tokenizer import CHATML_TEMPLATE, Tokenizer, make_byte_tokenizer
 
 # ----------------------------------------------------------------------------- templates
 
-def test_paper_presets_ask_for_reasoning_and_a_box_default_keeps_figure_4():
+def test_paper_presets_ask_for_reasoning_and_a_box_default_keeps_its_tasks_templates():
     for name in ("paper-1.5b", "paper-4b"):
         r = memrl_config.preset(name).rollout
         assert r.final_template == templates.REASONED_FINAL_TEMPLATE
@@ -29,8 +29,12 @@ def test_paper_presets_ask_for_reasoning_and_a_box_default_keeps_figure_4():
         "<question> How many? </question>\n<memory> Bob has 7. </memory>\n"
         "Reason step by step, then give your final answer within \\boxed{}.")
     assert tpl.single_turn_prompt("How many?", "Bob gets 3. How many?").endswith("final answer within \\boxed{}.")
-    # the built-in synthetic task's policy was trained on Figure 4 as printed: the default preset keeps it
-    assert Templates.from_config(memrl_config.preset("default").rollout) == Templates()
+    # the built-in synthetic task's policy learnt the task's own short prompts (memrl/synthetic.py): the default
+    # preset uses them; the dataclass defaults stay Figure 4
+    from memrl import synthetic
+
+    assert Templates.from_config(memrl_config.preset("default").rollout) == Templates(
+        memory=synthetic.MEMORY_TEMPLATE, final=synthetic.FINAL_TEMPLATE, single_turn=synthetic.SINGLE_TURN_TEMPLATE)
     assert Templates().final.endswith("Your final answer:")
 
 

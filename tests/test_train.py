@@ -44,8 +44,7 @@ def test_help_lists_every_config_key():
 
 # a few steps of the real default task, small: 2 problems x 4 samples, KL on, dynamic sampling on, 2 mini-batches
 # (2 optimizer steps per RL step: the second one off-policy, so the resume must restore exactly what the ratio sees)
-SMALL = ["--train.batch_size=2", "--rollout.group_size=4", "--rollout.memory_cap_tokens=16",
-         "--rollout.response_max_tokens=12", "--data.eval_limit=8", "--train.eval_every=2",
+SMALL = ["--train.batch_size=2", "--rollout.group_size=4", "--data.eval_limit=8", "--train.eval_every=2",
          "--train.save_every=2", "--algo.kl_coef=0.01", "--algo.dynamic_sampling=true",
          "--algo.max_sampling_rounds=2", "--train.micro_batch_tokens=1024", "--algo.mini_batches=2"]
 
@@ -58,7 +57,7 @@ def test_resume_reproduces_an_uninterrupted_run_bitwise(tmp_path):
     assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["step_00000002"]
     out = run_train(*SMALL, f"--train.run_dir={parts}", "--train.max_steps=4", "--resume")
     assert "resumed from" in out.stdout and "changed: train.max_steps: 2 -> 4" in out.stdout
-    assert "eval @ step 4: synthetic:coin-tally/eval (memory, n=8)" in out.stderr  # progress says what it evaluates
+    assert "eval @ step 4: synthetic:coin-sum/eval (memory, n=8)" in out.stderr  # progress says what it evaluates
 
     a, b = metrics(whole), metrics(parts)
     assert a == b  # every logged number, bit for bit (json round-trips floats exactly)
@@ -123,7 +122,7 @@ def test_mini_batches_clip_and_the_loss_is_design_section_5(tmp_path):
     run_train("--train.batch_size=8", "--rollout.group_size=4", "--train.micro_batch_tokens=1024",
               "--algo.mini_batches=4", f"--algo.kl_coef={beta}", "--optim.lr=5e-3", "--optim.warmup_steps=0",
               "--rollout.top_p=0.9", f"--algo.tis_cap={C}", "--algo.seq_mask=true", f"--algo.seq_mask_low={lo}",
-              f"--algo.seq_mask_high={hi}", "--rollout.memory_cap_tokens=16", "--rollout.response_max_tokens=12",
+              f"--algo.seq_mask_high={hi}",
               "--train.max_steps=1", "--train.eval_at_start=false", "--data.eval_limit=4",
               f"--train.run_dir={run_dir}", f"--train.dump_loss_inputs={dump}")
     row = [r for r in metrics(run_dir) if r["kind"] == "train"][0]
