@@ -1,6 +1,8 @@
 """KV continuation in the generator (memrl/kv_retain.py): a request that extends a retained sequence prefills only its
 new ids, and decodes exactly as a fresh prefill of the whole ids does (greedy tokens identical, log-probs within
 1e-5), and as a full-recompute greedy loop does."""
+import copy
+
 import pytest
 import torch
 
@@ -110,7 +112,11 @@ def test_continuation_errors_are_clear(model):
 def test_continuation_under_the_gpu_schedule_on_cpu(model, monkeypatch, kernels):
     """The GPU loop without a GPU (as tests/test_generate.py's test_gpu_schedule_on_cpu): padded graph buckets,
     several decode steps between host syncs, so a finished retained row lingers in the batch before its K/V is
-    copied out; it must not disturb the positions it keeps. "triton": the decode attention kernel writes the K/V."""
+    copied out; it must not disturb the positions it keeps. "triton": the decode attention kernel writes the K/V.
+    On a machine with CUDA the same schedule runs there, eagerly (Triton's interpreter is only set up without a GPU,
+    and compiled Triton kernels cannot read CPU tensors)."""
+    if torch.cuda.is_available():
+        model = copy.deepcopy(model).cuda()
     eager = dict(cuda_graphs=False, compile=False)
     starts = ragged_prompts(12, lens=[5, 9, 3])
     probe = Generator(model, model.config.vocab_size, kernels="torch", **eager).generate(starts, greedy(8))
