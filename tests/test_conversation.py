@@ -180,12 +180,15 @@ def naive_greedy(model, prompt: list[int], n: int, vocab: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen2", seed=3)
+    # a 1,024-token window: a conversation of byte tokens over three coin-sum shards takes ~520
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen2", seed=3, max_position_embeddings=1024)
     return load_model(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
 
 
 def episodes():
-    eps = synthetic.make_episodes(3, "train", seed=4)
+    # three shards each (the task has 3-5): short conversations, quick tests
+    eps = [Episode(e.id, e.question, e.shards[:3], e.answer) for e in synthetic.make_episodes(3, "train", seed=4)]
+    assert all(len(e.shards) == 3 for e in eps)
     eps[1] = Episode("short", eps[1].question, eps[1].shards[:1], "1")  # ends two turns before the others
     return eps
 
@@ -241,8 +244,9 @@ def test_training_row_masks_exactly_every_reply(policy):
         assert torch.equal(batch.advantages, advantages[row.trajectory_id].expand(len(replies)))
 
 
-def test_a_conversation_beyond_the_window_is_refused_clearly(policy):
-    model, tok = policy
+def test_a_conversation_beyond_the_window_is_refused_clearly(tmp_path):
+    path = make_tiny_checkpoint(tmp_path, "qwen2", seed=3)  # the default 512-token window
+    model, tok = load_model(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
     long = Episode("long", "How many?", ["x" * 200] * 3, "1")  # 3 turns of ~240 tokens > the 512-token window
     gen = Generator(model, tok.vocab_size)
     with pytest.raises(ValueError, match="context window is 512"):

@@ -28,8 +28,7 @@ TIMING = ("_s", "_per_s")  # wall-clock fields differ between runs; everything e
 # adam_eps 1e-5: Adam's first update is lr·g/(|g| + eps), which for entries with |g| near 1e-9 (sums that nearly
 # cancel) turns the fp32 rounding of g into a visible fraction of lr; a larger eps keeps the update's sensitivity to
 # g bounded (1/eps), so comparing weights compares the summed gradients, which is what this file tests.
-ARGS = ["--train.batch_size=4", "--rollout.group_size=4", "--rollout.memory_cap_tokens=16",
-        "--rollout.response_max_tokens=12", "--data.eval_limit=4", "--train.eval_every=1", "--train.save_every=1",
+ARGS = ["--train.batch_size=4", "--rollout.group_size=8", "--data.eval_limit=4", "--train.eval_every=1", "--train.save_every=1",
         "--algo.kl_coef=0.01", "--train.micro_batch_tokens=1024", "--train.keep_last=3", "--data.shuffle=false",
         "--optim.adam_eps=1e-5", "--algo.mini_batches=2"]  # per mini-batch, a rank may hold 0, 1 or 2 problems
 

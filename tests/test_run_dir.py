@@ -50,9 +50,9 @@ def test_resume_may_change_only_what_does_not_change_the_experiment(tmp_path):
     with pytest.raises(ConfigError) as exc:
         runs.check_resume_config(saved, changed, tmp_path / "run_config.json")
     assert "--train.allow_config_change=rollout.group_size,optim.lr,train.seed" in str(exc.value)
-    assert exc.value.details == ["rollout.group_size: 8 -> 4", "optim.lr: 0.0002 -> 0.001", "train.seed: 0 -> 1"]
+    assert exc.value.details == ["rollout.group_size: 8 -> 4", "optim.lr: 0.0008 -> 0.001", "train.seed: 0 -> 1"]
     allowed = parse_cli(["--train.run_dir=r", "--optim.lr=1e-3", "--train.allow_config_change=optim.lr"])
-    assert "optim.lr: 0.0002 -> 0.001" in runs.check_resume_config(saved, allowed, tmp_path)
+    assert "optim.lr: 0.0008 -> 0.001" in runs.check_resume_config(saved, allowed, tmp_path)
 
 
 def test_the_saved_config_is_the_checkpoints_own(tmp_path):
