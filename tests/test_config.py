@@ -103,7 +103,9 @@ def test_temperature_edges_are_accepted_and_json_infinity_refused(tmp_path):
     assert parse_cli(["--rollout.temperature=0.05"]).rollout.temperature == 0.05
     assert parse_cli(["--rollout.temperature=10"]).rollout.temperature == 10.0
     path = save_config(preset("default"), tmp_path / RUN_CONFIG_NAME)
-    path.write_text(path.read_text().replace('"lr": 0.0002', '"lr": Infinity'))  # Python's json reads Infinity
+    text = path.read_text()
+    assert '"lr": 0.0008' in text  # the default preset's lr, replaced below
+    path.write_text(text.replace('"lr": 0.0008', '"lr": Infinity'))  # Python's json reads Infinity
     with pytest.raises(ConfigError, match=r"optim.lr: must be in \(0, 1\], got inf"):
         load_config(path)
 
@@ -117,7 +119,7 @@ def test_rules_between_fields_do_not_depend_on_the_order():
 def test_config_changes_and_the_training_rules():
     old = preset("default")
     new = parse_cli(["--optim.lr=1e-3", "--train.max_steps=40"])
-    assert config_changes(old, new) == [("optim.lr", 2e-4, 1e-3), ("train.max_steps", 20, 40)]
+    assert config_changes(old, new) == [("optim.lr", 8e-4, 1e-3), ("train.max_steps", 20, 40)]
     with pytest.raises(ConfigError, match=r"--data.eval_path: empty while data.train_path=x.jsonl"):
         check_for_training(parse_cli(["--data.train_path=x.jsonl"]))
     check_for_training(parse_cli(["--data.train_path=x.jsonl", "--data.eval_path=none"]))
