@@ -212,8 +212,7 @@ def main(argv: list[str]) -> int:
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_model(path, dtype=getattr(torch, cfg.model.dtype),
                            device="cuda" if torch.cuda.is_available() else "cpu").eval()
-        generator = Generator(model, tokenizer.vocab_size, compile=None if cfg.rollout.compile != "none" else False,
-                              compile_layers=cfg.rollout.compile == "layers")
+        generator = Generator(model, tokenizer.vocab_size, **cfg.rollout.generator_options())
         about["checkpoints"][label] = {"path": str(path), "preset": cfg.preset, "seed": cfg.train.seed,
                                        "rollout": dict(cfg.rollout.__dict__)}
         # without --dataset: data.eval_path, else the synthetic task, named after the file

@@ -167,10 +167,7 @@ t_model_ready = time.time()  # the first step's row reports the time from here (
 # valid: memrl/distributed.py)
 rollout_model = rollout_view(policy)
 with gathered_for_rollout(policy, rollout_model) as gen_model:  # the live policy weights
-    generator = Generator(gen_model, tokenizer.vocab_size,
-                          compile=None if cfg.rollout.compile != "none" else False,
-                          compile_prefill=cfg.rollout.compile == "all",
-                          compile_layers=cfg.rollout.compile == "layers")
+    generator = Generator(gen_model, tokenizer.vocab_size, **cfg.rollout.generator_options())
 templates = Templates.from_config(cfg.rollout)
 if tokenizer.vocab_size > policy.config.vocab_size:  # an id past the embedding would index out
     raise CheckpointError(f"{policy_path}: the tokenizer has {tokenizer.vocab_size} tokens, the "

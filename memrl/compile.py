@@ -36,12 +36,22 @@ import time
 
 import torch
 
-from memrl.model import MLP, RMSNorm
+from memrl.model import MLP, DecoderLayer, RMSNorm
 
 COMPILE_STATS = {"compile_s": 0.0, "compiles": 0}
-# (module class, backend) -> its compiled forward (unbound: the module is the first argument). One per class for the
-# whole process: the policy's and the reference's modules share it (another torch.compile object would recompile)
-_COMPILED: dict[tuple[type, str], object] = {}
+# (module class, method, backend) -> that method compiled (unbound: the module is the first argument). One per class
+# for the whole process: the policy's and the reference's modules share it (another torch.compile object would
+# recompile)
+_COMPILED: dict[tuple[type, str, str], object] = {}
+LAYER_HALVES = ("attention_inputs", "attention_output_and_mlp")  # DecoderLayer's code around its attention
+
+
+def _compiled(cls: type, name: str, backend: str):
+    """(the class's eager method, its one shared compiled version)."""
+    eager = getattr(cls, name)
+    if (cls, name, backend) not in _COMPILED:
+        _COMPILED[(cls, name, backend)] = torch.compile(eager, backend=backend)
+    return eager, _COMPILED[(cls, name, backend)]
 
 
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
@@ -56,12 +66,7 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
 
 
 def _dispatcher(module: torch.nn.Module, backend: str):
-    cls = type(module)
-    eager = cls.forward
-    key = (cls, backend)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(eager, backend=backend)
-    compiled = _COMPILED[key]
+    eager, compiled = _compiled(type(module), "forward", backend)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         # training and scoring run one packed row [1, T, ...]; anything else (a one-token dummy micro-batch, the
@@ -93,23 +98,17 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     the same elementwise work; the attention kernels are opaque to the compiler either way. Decode calls only
     ([B >= 2, 1 token, ...], no grad) run compiled, with B dynamic (one graph for every CUDA-graph bucket); anything
     else (training, scoring, a prefill, a batch of 1 the compiler would specialise) runs the eager code."""
-    from memrl.model import DecoderLayer
-
     n = 0
     for module in model.modules():
-        if isinstance(module, DecoderLayer) and "attention_inputs" not in vars(module):
-            for name in ("attention_inputs", "attention_output_and_mlp"):
+        if isinstance(module, DecoderLayer) and LAYER_HALVES[0] not in vars(module):
+            for name in LAYER_HALVES:
                 setattr(module, name, _decode_dispatcher(module, name, backend))
             n += 1
     return n
 
 
 def _decode_dispatcher(module: torch.nn.Module, name: str, backend: str):
-    eager = getattr(type(module), name)
-    key = (type(module), name, backend)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(eager, backend=backend)
-    compiled = _COMPILED[key]
+    eager, compiled = _compiled(type(module), name, backend)
 
     def half(x: torch.Tensor, *rest: torch.Tensor):
         if (x.shape[0] < 2 or x.shape[1] != 1 or torch.is_grad_enabled() or torch.compiler.is_compiling()):
@@ -123,11 +122,9 @@ def _decode_dispatcher(module: torch.nn.Module, name: str, backend: str):
 
 def uncompile_layers(model: torch.nn.Module) -> None:
     """Undo compile_layers: every decoder layer runs its class's eager code again."""
-    from memrl.model import DecoderLayer
-
     for module in model.modules():
         if isinstance(module, DecoderLayer):
-            for name in ("attention_inputs", "attention_output_and_mlp"):
+            for name in LAYER_HALVES:
                 vars(module).pop(name, None)
 
 

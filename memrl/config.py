@@ -106,6 +106,11 @@ class RolloutCfg:
     conversation_shard_template: str = CONVERSATION_SHARD_TEMPLATE  # conversation: a shard's user message
     conversation_final_template: str = CONVERSATION_FINAL_TEMPLATE  # conversation: the final user message
 
+    def generator_options(self) -> dict:
+        """The Generator's compile arguments for `compile` (train.py's and evaluate.py's generators)."""
+        return dict(compile=None if self.compile != "none" else False, compile_prefill=self.compile == "all",
+                    compile_layers=self.compile == "layers")
+
     def __post_init__(self):
         assert self.condition != "full_history", (
             "rollout.condition: full_history is the paper's evaluation condition (all shards so far in one prompt; "

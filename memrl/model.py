@@ -238,6 +238,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    """project (q/k/v GEMM, RoPE) -> attend -> output (o_proj), called by DecoderLayer one by one: its two halves
+    around `attend` are what memrl/compile.py compile_layers compiles."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -268,10 +271,6 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask, attn_fn: AttnFn | None):
         """The attention itself: the KV-cache seam when given (the generator), else the packed / masked path."""
         return attn_fn(self.layer_idx, q, k, v) if attn_fn is not None else attention(q, k, v, mask)
-
-    def forward(self, x, cos, sin, mask, attn_fn: AttnFn | None):
-        q, k, v = self.project(x, cos, sin)
-        return self.output(self.attend(q, k, v, mask, attn_fn))
 
     def output(self, out):
         """out [B, Hq, T, D] -> o_proj of the heads side by side [B, T, H]."""

@@ -34,7 +34,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,9 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from memrl.atomic import atomic_path  # noqa: E402
 
 CHUNK = 16 * 2**20  # bytes per read: hashing and copying stream, a 1.1 GB file never sits in memory
 SOURCE_FILE = "gguf_source.json"
@@ -217,10 +219,7 @@ def convert(gguf: Path, out: Path, dtype_name: str, source: dict) -> Path:
     if model.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary folder
+    with atomic_path(out, directory=True) as tmp:  # renamed onto `out` only when complete, removed on failure
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         saved = json.loads((tmp / "config.json").read_text())
@@ -229,16 +228,6 @@ def convert(gguf: Path, out: Path, dtype_name: str, source: dict) -> Path:
         n_params = sum(p.numel() for p in model.parameters())
         record = {**source, "dtype": dtype_name, "parameters": n_params, "architecture": saved.get("model_type")}
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out} ({saved.get('model_type')}, {n_params / 1e6:.0f}M parameters, {dtype_name})")
     return out
 

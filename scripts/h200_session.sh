@@ -12,11 +12,11 @@
 #   bash scripts/h200_session.sh collect          # everything into $OUT/results.tgz (one file comes back)
 #
 # Why background jobs (setsid): a call may last 10 minutes and the machine goes back 30 s after a call; work that
-# outlives one call keeps running while the next calls carry pieces or poll. Files live in /root (kept while the
+# outlives one call keeps running while the next calls carry pieces or poll. Files live in $HOME (kept while the
 # machine is held), not in the repository copy (each call re-syncs it and drops ignored folders not carried).
 # The experiment's settings are the variables below (override on the command line: LR=2e-6 bash ... real).
 set -u
-R=${ROOT:-/root}  # everything the lease keeps (a dry run on a CPU: ROOT=/tmp/h200 MODEL=... NPROC=1 ... real)
+R=${ROOT:-$HOME}  # everything the lease keeps (/root there; a dry run on a CPU: ROOT=/tmp/h200 MODEL=... NPROC=1 ... real)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$R/site${PYTHONPATH:+:$PYTHONPATH}
 G=$R/g; REPO=$R/repo; BENCH=$R/bench; REAL=$R/real
 MODEL=${MODEL:-$R/models/qwen2.5-coder-1.5b-instruct}
@@ -36,7 +36,7 @@ TABLE_N=${TABLE_N:-500}      # problems of the three-condition tables before and
 SEG1=${SEG1:-10}             # steps before the first stop; the rest resumes (--resume) in the time left
 TRAIN_BUDGET_S=${TRAIN_BUDGET_S:-600}
 
-bg() {  # name, command...: run in its own session, survive the call; log to /root/NAME.log; mark done/failed
+bg() {  # name, command...: run in its own session, survive the call; log to $R/NAME.log; mark done/failed
   local name=$1; shift
   rm -f $R/$name.done $R/$name.failed
   setsid nohup bash -c "$* > $R/$name.log 2>&1 && touch $R/$name.done || touch $R/$name.failed" \

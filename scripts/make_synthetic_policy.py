@@ -169,7 +169,7 @@ def main(argv=None):
 def report(policy_dir: Path, n: int, samples: int = 4, device: str = "cpu"):
     """Held-out accuracy per condition with the default preset's rollout settings (what train.py uses): greedy for
     all three, sampled (T = 1) for memory, the facts the final memories keep, and the best constant answer."""
-    from memrl.config import EVAL_CONDITIONS as CONDITIONS
+    from memrl.config import EVAL_CONDITIONS
     from memrl.evaluation import evaluate_policy, lic_drop
     from memrl.generate import Generator
     from memrl.hf_io import load_model
@@ -179,7 +179,7 @@ def report(policy_dir: Path, n: int, samples: int = 4, device: str = "cpu"):
     generator = Generator(load_model(policy_dir, dtype=torch.float32).to(device), tok.vocab_size)
     episodes = synthetic.make_episodes(n, "eval", seed=synthetic.EVAL_SEED)
     cfg = preset("default")
-    acc = evaluate_policy(generator, tok, episodes, cfg, CONDITIONS)
+    acc = evaluate_policy(generator, tok, episodes, cfg, EVAL_CONDITIONS)
     print(markdown_table({str(policy_dir): {"conditions": acc, "lic_drop": lic_drop(acc)}}))
     mem = evaluate_policy(generator, tok, episodes, cfg, ("memory",), samples=samples)["memory"]
     print(f"memory condition: greedy {mem['accuracy']:.3f} (facts kept {mem['facts_kept']:.3f}), sampled x{samples} "
